@@ -1,0 +1,22 @@
+# convviz: Zeiler & Fergus (2014), "Visualizing and Understanding Convolutional Networks",
+# as a Snakemake workflow. Read top to bottom like the paper's table of contents.
+from snakemake.utils import min_version
+
+min_version("9.0")
+
+
+configfile: "config.yaml"
+
+
+report: "report/workflow.rst"
+
+
+include: "rules/common.smk"
+include: "rules/data.smk"
+include: "rules/train.smk"
+
+
+rule all:
+    input:
+        all_outputs(),
+    default_target: True

@@ -1,0 +1,150 @@
+"""Config validation with messages that name the key, and the per-step views rules take as params.
+
+Imported by the Snakefile, so it must not import torch (the Snakemake process may run without it).
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import jsonschema
+import yaml
+
+SCHEMA_PATH = Path(__file__).resolve().parent.parent / "schemas" / "config.schema.yaml"
+REAL_DATASETS = ("imagefolder", "imagenet", "imagenette", "caltech101", "caltech256", "voc2012")
+
+
+class ConfigError(ValueError):
+    """A config value the user must fix; the message names every offending key."""
+
+
+def _key(path) -> str:
+    return ".".join(str(p) for p in path) or "(top level)"
+
+
+def _describe(error: jsonschema.ValidationError) -> str:
+    """One line per problem: the dotted key, the bad value, and what is allowed."""
+    key = _key(error.absolute_path)
+    schema = error.schema if isinstance(error.schema, dict) else {}
+    if error.validator == "additionalProperties":
+        allowed = sorted(error.schema.get("properties", {}))
+        extra = sorted(set(error.instance) - set(allowed))
+        return f"config key '{key}': unknown key(s) {extra}; allowed keys: {allowed}"
+    if error.validator == "enum":
+        return f"config key '{key}': {error.instance!r} is not one of the allowed values {error.validator_value}"
+    if error.validator == "propertyNames":
+        allowed = error.validator_value.get("enum")
+        return f"config key '{key}': unknown name {error.instance!r}; allowed names: {allowed}"
+    if error.validator == "type":
+        return f"config key '{key}': {error.instance!r} is not of type {error.validator_value}"
+    allowed = {k: schema[k] for k in ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum", "minItems") if k in schema}
+    hint = f" (allowed: {allowed})" if allowed else ""
+    return f"config key '{key}': {error.message}{hint}"
+
+
+def _fill_defaults(instance: dict, schema: dict) -> None:
+    """Recursively insert schema defaults for missing keys (objects first, then their members)."""
+    if not isinstance(instance, dict) or schema.get("type") != "object":
+        return
+    for name, sub in schema.get("properties", {}).items():
+        if name not in instance and "default" in sub:
+            instance[name] = copy.deepcopy(sub["default"])
+        if name in instance:
+            _fill_defaults(instance[name], sub)
+
+
+def load_schema(path: str | Path = SCHEMA_PATH) -> dict:
+    return yaml.safe_load(Path(path).read_text())
+
+
+def validate_config(config: dict, schema_path: str | Path = SCHEMA_PATH) -> dict:
+    """Fill defaults into ``config`` in place, check it, and return it.
+
+    Raises ConfigError listing every problem (schema and cross-key checks) at once, so a user
+    fixes their config in one go, before Snakemake schedules any job.
+    """
+    schema = load_schema(schema_path)
+    _fill_defaults(config, schema)
+    validator = jsonschema.Draft7Validator(schema)
+    problems = [_describe(e) for e in sorted(validator.iter_errors(config), key=lambda e: list(map(str, e.absolute_path)))]
+    if not problems:
+        problems = _cross_checks(config)
+    if problems:
+        raise ConfigError("invalid convviz config:\n  - " + "\n  - ".join(problems))
+    return config
+
+
+def _cross_checks(config: dict) -> list[str]:
+    """Checks a JSON schema cannot express."""
+    problems = []
+    data = config["data"]
+    if data["dataset"] in REAL_DATASETS and not data.get("root"):
+        problems.append(
+            f"config key 'data.root': dataset {data['dataset']!r} needs a root folder "
+            "(where it lives, or where download: true should put it)"
+        )
+    lo, hi = data["synthetic"]["scale_range"]
+    if not lo < hi:
+        problems.append(f"config key 'data.synthetic.scale_range': [{lo}, {hi}] must be increasing")
+    for model in config["models"]:
+        settings = train_settings(config, model)
+        if settings["batch_size"] < 2 and settings["epochs"] > 0:
+            problems.append(f"config key 'train.per_model.{model}.batch_size': BatchNorm models need batch_size >= 2")
+    return problems
+
+
+def train_settings(config: dict, model: str) -> dict:
+    """The training settings of one model: common `train` keys updated by `train.per_model[model]`.
+
+    This plain dict is the train rule's params, so editing one model's override reruns only
+    that model's training.
+    """
+    common = {k: v for k, v in config["train"].items() if k != "per_model"}
+    common.update(config["train"].get("per_model", {}).get(model, {}))
+    epochs = common["epochs"]
+    # The paper's Fig. 4 epochs cut to the epochs run; the last epoch is always kept.
+    kept = sorted({e for e in common["checkpoint_epochs"] if e <= epochs} | ({epochs} if epochs > 0 else set()))
+    common["checkpoint_epochs"] = kept
+    return common
+
+
+def architecture_settings(config: dict, model: str) -> dict:
+    return dict(config.get("architecture", {}).get(model, {}))
+
+
+def dataset_settings(config: dict) -> dict:
+    """Exactly the settings that shape the source dataset (the dataset rule's params)."""
+    data = config["data"]
+    settings = {"dataset": data["dataset"], "image_size": data["image_size"], "seed": config["seed"]}
+    if data["dataset"] == "synthetic":
+        syn = data["synthetic"]
+        settings.update(
+            classes=syn["classes"],
+            train_per_class=syn["train_per_class"],
+            val_per_class=syn["val_per_class"],
+            scale_range=list(syn["scale_range"]),
+            rotation_deg=syn["rotation_deg"],
+            distractors=syn["distractors"],
+        )
+    else:
+        settings.update({k: data[k] for k in ("root", "download", "val_fraction", "max_per_class")})
+    return settings
+
+
+def target_settings(config: dict, target: str) -> dict:
+    """Settings of a transfer target dataset (the target_dataset rule's params)."""
+    if target != "synthetic_target":
+        raise ConfigError(f"unknown transfer target {target!r}; available: ['synthetic_target']")
+    syn = config["data"]["synthetic"]
+    return {
+        "dataset": "synthetic_target",
+        "image_size": config["data"]["image_size"],
+        "seed": config["seed"],
+        "classes": syn["target_classes"],
+        "train_per_class": syn["target_train_per_class"],
+        "val_per_class": syn["target_val_per_class"],
+        "scale_range": list(syn["scale_range"]),
+        "rotation_deg": syn["rotation_deg"],
+        "distractors": syn["distractors"],
+    }

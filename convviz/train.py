@@ -1,0 +1,299 @@
+"""Training: SGD with momentum as the paper's Sec. 3, checkpoints for Fig. 4, exact resume.
+
+Every epoch's randomness (shuffle order, flips, dropout) is seeded from (seed, epoch) alone, so a
+job killed after epoch k and rerun from its `last` checkpoint ends with the same weights as an
+uninterrupted run on CPU.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+import torch
+import torch.nn.functional as F
+
+from convviz.data.common import ImageDataset
+from convviz.io import save_torch, write_parquet
+from convviz.models.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from convviz.models.registry import build_model
+
+RESUME_FORMAT = "convviz-resume-v1"
+
+
+@dataclass
+class TrainOutputs:
+    """Where the training step writes: final weights, per-epoch history, Fig. 4 checkpoints."""
+
+    final: Path
+    history: Path
+    checkpoint_dir: Path
+    resume: Path
+    curves: Path | None = None
+
+
+def resolve_device(device: str) -> torch.device:
+    """auto -> CUDA when available; asking for cuda without one is an error, not a silent CPU run."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("config device: cuda was requested but torch sees no CUDA device; use device: auto or cpu")
+    return torch.device(device)
+
+
+def fingerprint(model_name: str, arch_cfg: dict, train_cfg: dict, seed: int, data_meta: dict, n_train: int) -> str:
+    """Identifies a training run; a resume state from a different run is ignored, never mixed in."""
+    blob = json.dumps(
+        {"model": model_name, "arch": arch_cfg, "train": train_cfg, "seed": seed, "data": data_meta, "n": n_train},
+        sort_keys=True,
+        default=str,
+    )
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def lr_factor(schedule: str, epoch_index: int, epochs: int, step_size: int, gamma: float) -> float:
+    """Multiplier of the base learning rate for 0-based epoch_index."""
+    if schedule == "constant":
+        return 1.0
+    if schedule == "step":
+        return gamma ** (epoch_index // step_size)
+    if schedule == "cosine":
+        return 0.5 * (1 + math.cos(math.pi * epoch_index / max(epochs, 1)))
+    raise ValueError(f"unknown schedule {schedule!r}; use constant, step or cosine")
+
+
+def epoch_seed(seed: int, epoch: int) -> int:
+    return (seed * 1_000_003 + epoch * 7919) % (2**63 - 1)
+
+
+def topk_correct(logits: torch.Tensor, labels: torch.Tensor, k: int) -> int:
+    k = min(k, logits.shape[1])
+    top = logits.topk(k, dim=1).indices
+    return int((top == labels[:, None]).any(dim=1).sum())
+
+
+def batches_of(dataset: ImageDataset, order: torch.Tensor, batch_size: int, num_workers: int):
+    """Yield (uint8 images, labels) batches in ``order``; workers decode in parallel when asked."""
+    chunks = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+    if num_workers == 0:
+        for idx in chunks:
+            yield dataset.raw_batch(idx), dataset.labels[idx]
+        return
+    loader = torch.utils.data.DataLoader(
+        chunks,
+        batch_size=None,
+        num_workers=num_workers,
+        collate_fn=lambda idx: (dataset.raw_batch(idx), dataset.labels[idx]),
+        persistent_workers=False,
+    )
+    yield from loader
+
+
+def evaluate(model, dataset: ImageDataset, device, batch_size: int, amp: bool, num_workers: int = 0) -> dict:
+    """Mean loss, top-1 and top-5 accuracy (fractions) over a whole split."""
+    model.eval()
+    total, loss_sum, c1, c5 = 0, 0.0, 0, 0
+    order = torch.arange(len(dataset))
+    with torch.inference_mode(), torch.autocast(device.type, enabled=amp and device.type == "cuda"):
+        for raw, labels in batches_of(dataset, order, batch_size, num_workers):
+            x = dataset.normalise(raw).to(device, non_blocking=True)
+            labels = labels.to(device)
+            logits = model(x).float()
+            loss_sum += float(F.cross_entropy(logits, labels, reduction="sum"))
+            c1 += topk_correct(logits, labels, 1)
+            c5 += topk_correct(logits, labels, 5)
+            total += len(labels)
+    return {"loss": loss_sum / total, "top1": c1 / total, "top5": c5 / total}
+
+
+def train_model(
+    model_name: str,
+    data_dir: str | Path,
+    outputs: TrainOutputs,
+    *,
+    arch_cfg: dict,
+    train_cfg: dict,
+    seed: int,
+    device: str = "auto",
+    log=print,
+    stop_after_epoch: int | None = None,
+) -> pd.DataFrame:
+    """Train ``model_name`` on the dataset at ``data_dir``; write checkpoints and history.
+
+    train_cfg: convviz.config.train_settings() (epochs, lr, schedule, batch_size, ...).
+    Returns the history table: one row per (epoch, split) with loss, top1, top5 (fractions),
+    lr, seconds. ``stop_after_epoch`` ends the run early (simulates a preempted job in tests).
+    """
+    t_start = time.time()
+    dev = resolve_device(device)
+    cuda = dev.type == "cuda"
+    amp = bool(train_cfg["amp"]) and cuda
+    train_ds = ImageDataset(data_dir, "train", train_cfg.get("image_size") or _image_size(data_dir))
+    val_ds = ImageDataset(data_dir, "val", train_ds.image_size)
+    if train_ds.meta.get("multilabel"):
+        log("dataset is multi-label: training on each image's primary label (its largest object)")
+    epochs = int(train_cfg["epochs"])
+    run_id = fingerprint(model_name, arch_cfg, train_cfg, seed, train_ds.meta, len(train_ds))
+
+    torch.manual_seed(seed)
+    model = build_model(model_name, train_ds.num_classes, train_ds.image_size, arch_cfg).to(dev)
+    if cuda and train_cfg.get("channels_last", True):
+        model = model.to(memory_format=torch.channels_last)
+    optimizer = torch.optim.SGD(
+        model.parameters(), lr=train_cfg["lr"], momentum=train_cfg["momentum"], weight_decay=train_cfg["weight_decay"]
+    )
+    scaler = torch.amp.GradScaler("cuda", enabled=amp)
+    renormalize = getattr(model, "renormalize_filters", None)
+    history: list[dict] = []
+    start_epoch = 1
+
+    state = _load_resume(outputs.resume, run_id, log)
+    if state is not None:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scaler.load_state_dict(state["scaler"]) if state.get("scaler") else None
+        history = [dict(zip(state["history_columns"], row)) for row in state["history_rows"]]
+        start_epoch = int(state["epoch"]) + 1
+        log(f"resuming {model_name} from epoch {state['epoch']} of {epochs} ({outputs.resume})")
+    else:
+        log(f"training {model_name} from scratch: {epochs} epochs, {len(train_ds)} train / {len(val_ds)} val images, "
+            f"{train_ds.num_classes} classes, {sum(p.numel() for p in model.parameters()):,} parameters, device {dev}")
+
+    outputs.checkpoint_dir.mkdir(parents=True, exist_ok=True)
+    ckpt_epochs = set(train_cfg["checkpoint_epochs"])
+    if start_epoch == 1 and 0 in ckpt_epochs:
+        _save_epoch(outputs, model_name, model, 0, train_ds, arch_cfg)
+    batch_size = int(train_cfg["batch_size"])
+    for epoch in range(start_epoch, epochs + 1):
+        lr = train_cfg["lr"] * lr_factor(train_cfg["schedule"], epoch - 1, epochs, train_cfg["step_size"], train_cfg["gamma"])
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        t0 = time.time()
+        train_stats = _train_one_epoch(
+            model, train_ds, optimizer, scaler, dev, seed, epoch, batch_size, train_cfg, amp, renormalize, log
+        )
+        seconds = time.time() - t0
+        val_stats = evaluate(model, val_ds, dev, batch_size, amp, int(train_cfg["num_workers"]))
+        history.append({"epoch": epoch, "split": "train", **train_stats, "lr": lr, "seconds": seconds})
+        history.append({"epoch": epoch, "split": "val", **val_stats, "lr": lr, "seconds": time.time() - t0 - seconds})
+        log(f"epoch {epoch}/{epochs}: train loss {train_stats['loss']:.3f} top1 {train_stats['top1']:.3f} | "
+            f"val loss {val_stats['loss']:.3f} top1 {val_stats['top1']:.3f} top5 {val_stats['top5']:.3f} | "
+            f"lr {lr:.4g} | {seconds:.1f}s ({len(train_ds) / seconds:.0f} img/s)")
+        if epoch in ckpt_epochs:
+            _save_epoch(outputs, model_name, model, epoch, train_ds, arch_cfg)
+        _save_resume(outputs.resume, run_id, epoch, model, optimizer, scaler, history)
+        if stop_after_epoch is not None and epoch >= stop_after_epoch:
+            log(f"stopping after epoch {epoch} as asked")
+            return pd.DataFrame(history)
+
+    table = pd.DataFrame(history, columns=["epoch", "split", "loss", "top1", "top5", "lr", "seconds"])
+    save_checkpoint(
+        outputs.final, model_name, model.to("cpu"), epoch=epochs, num_classes=train_ds.num_classes,
+        input_size=train_ds.image_size, arch_cfg=arch_cfg,
+        extra={"classes": list(train_ds.meta["classes"]), "mean": train_ds.meta["mean"], "std": train_ds.meta["std"]},
+    )
+    write_parquet(table, outputs.history)
+    if outputs.curves is not None:
+        from convviz.plots import plot_training_curves
+
+        plot_training_curves(table, model_name, outputs.curves)
+    final_val = table[table["split"] == "val"].tail(1)
+    summary = f"val top1 {float(final_val['top1'].iloc[0]):.3f}" if len(final_val) else "no epochs run"
+    log(f"done: {model_name} {epochs} epochs, {summary}, chance {1 / train_ds.num_classes:.3f}, "
+        f"{time.time() - t_start:.0f}s in total")
+    return table
+
+
+def _image_size(data_dir) -> int:
+    return int(json.loads((Path(data_dir) / "dataset.json").read_text())["image_size"])
+
+
+def _train_one_epoch(model, dataset, optimizer, scaler, dev, seed, epoch, batch_size, cfg, amp, renormalize, log) -> dict:
+    """One pass over the training split; randomness depends only on (seed, epoch)."""
+    model.train()
+    torch.manual_seed(epoch_seed(seed, epoch))  # dropout of this epoch
+    gen = torch.Generator().manual_seed(epoch_seed(seed, epoch) + 1)
+    order = torch.randperm(len(dataset), generator=gen)
+    flips = torch.rand(len(dataset), generator=gen) < 0.5 if cfg["augment"] else None
+    n_batches = math.ceil(len(dataset) / batch_size)
+    report_every = max(1, n_batches // 4)
+    total, loss_sum, c1, c5 = 0, 0.0, 0, 0
+    channels_last = dev.type == "cuda" and cfg.get("channels_last", True)
+    t0 = time.time()
+    for b, (raw, labels) in enumerate(batches_of(dataset, order, batch_size, int(cfg["num_workers"]))):
+        if len(labels) < 2 and total > 0:
+            continue  # a 1-image tail batch breaks BatchNorm; its images are seen next epoch
+        x = dataset.normalise(raw)
+        if flips is not None:
+            f = flips[order[b * batch_size : b * batch_size + len(labels)]]
+            x[f] = x[f].flip(-1)
+        x = x.to(dev, non_blocking=True)
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        labels = labels.to(dev, non_blocking=True)
+        with torch.autocast(dev.type, enabled=amp):
+            logits = model(x)
+            loss = F.cross_entropy(logits.float(), labels)
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        if renormalize is not None:
+            renormalize()  # paper Sec. 3: cap each conv filter's RMS after every update
+        if not torch.isfinite(loss):
+            raise FloatingPointError(
+                f"training loss became {float(loss)} at epoch {epoch}, batch {b}; lower train.lr for this model"
+            )
+        n = len(labels)
+        total += n
+        loss_sum += float(loss.detach()) * n
+        logits = logits.detach().float()
+        c1 += topk_correct(logits, labels, 1)
+        c5 += topk_correct(logits, labels, 5)
+        if (b + 1) % report_every == 0 and b + 1 < n_batches:
+            log(f"  epoch {epoch} batch {b + 1}/{n_batches}: loss {loss_sum / total:.3f} ({total / (time.time() - t0):.0f} img/s)")
+    return {"loss": loss_sum / total, "top1": c1 / total, "top5": c5 / total}
+
+
+def _save_epoch(outputs, model_name, model, epoch, dataset, arch_cfg) -> None:
+    path = outputs.checkpoint_dir / f"epoch_{epoch:03d}.pt"
+    save_checkpoint(path, model_name, model, epoch=epoch, num_classes=dataset.num_classes,
+                    input_size=dataset.image_size, arch_cfg=arch_cfg)
+
+
+def _save_resume(path: Path, run_id: str, epoch: int, model, optimizer, scaler, history: list[dict]) -> None:
+    """Everything needed to continue after ``epoch``: weights, optimiser momentum, history."""
+    columns = list(history[0].keys()) if history else []
+    save_torch(
+        {
+            "format": RESUME_FORMAT,
+            "run_id": run_id,
+            "epoch": epoch,
+            "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+            "optimizer": optimizer.state_dict(),
+            "scaler": scaler.state_dict() if scaler.is_enabled() else None,
+            "history_columns": columns,
+            "history_rows": [[row[c] for c in columns] for row in history],
+        },
+        path,
+    )
+
+
+def _load_resume(path: Path, run_id: str, log) -> dict | None:
+    """The resume state if it belongs to this run; a stale or corrupt one is ignored with a log line."""
+    if not path.exists():
+        return None
+    try:
+        state = load_checkpoint(path)
+    except CheckpointError as err:
+        log(f"ignoring resume state: {err}")
+        return None
+    if state.get("format") != RESUME_FORMAT or state.get("run_id") != run_id:
+        log(f"ignoring resume state {path}: it belongs to a different configuration; starting from scratch")
+        return None
+    return state

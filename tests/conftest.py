@@ -1,0 +1,44 @@
+"""Shared fixtures: a tiny synthetic dataset, and a copy of the workflow to run Snakemake in."""
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+WORKFLOW_PARTS = ["Snakefile", "config.yaml", "rules", "scripts", "schemas", "envs", "report", "configs", "profiles", "convviz"]
+
+
+@pytest.fixture(scope="session")
+def tiny_dataset(tmp_path_factory) -> Path:
+    """3 source classes x (10 train + 4 val) synthetic images at 64 px."""
+    from convviz.data.synthetic import generate_synthetic
+
+    out = tmp_path_factory.mktemp("tiny_data")
+    generate_synthetic(out, seed=0, image_size=64, classes=3, train_per_class=10, val_per_class=4, log=lambda m: None)
+    return out
+
+
+def copy_workflow(dest: Path) -> Path:
+    """A clean copy of the workflow (no results), so tests never touch the repo's results/."""
+    dest.mkdir(parents=True, exist_ok=True)
+    for part in WORKFLOW_PARTS:
+        src = ROOT / part
+        if src.is_dir():
+            shutil.copytree(src, dest / part, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copy2(src, dest / part)
+    return dest
+
+
+def snakemake(workdir: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    """Run the venv's Snakemake in ``workdir``; output captured for assertions."""
+    exe = Path(sys.executable).with_name("snakemake")
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    proc = subprocess.run([str(exe), *args], cwd=workdir, capture_output=True, text=True, env=env)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"snakemake {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+    return proc

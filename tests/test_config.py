@@ -1,0 +1,89 @@
+"""The config schema: defaults are filled, bad values are refused with the key named."""
+
+import copy
+from pathlib import Path
+
+import pytest
+import yaml
+
+from convviz.config import ConfigError, dataset_settings, train_settings, validate_config
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def default_config() -> dict:
+    return yaml.safe_load((ROOT / "config.yaml").read_text())
+
+
+def overlay(base: dict, extra: dict) -> dict:
+    """Snakemake's --configfile merge: nested dicts update recursively, other values replace."""
+    out = copy.deepcopy(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = overlay(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def test_default_and_smoke_configs_are_valid():
+    validate_config(default_config())
+    validate_config(overlay(default_config(), yaml.safe_load((ROOT / "configs/smoke.yaml").read_text())))
+
+
+def test_missing_keys_are_filled_from_schema_defaults():
+    config = validate_config({})
+    assert config["data"]["dataset"] == "synthetic"
+    assert config["data"]["synthetic"]["classes"] >= 10
+    assert config["train"]["checkpoint_epochs"] == [1, 2, 5, 10, 20, 30, 40, 64]
+    assert config["models"] == ["lenet", "alexnet", "zfnet", "resnet50"]
+
+
+@pytest.mark.parametrize(
+    "change, key",
+    [
+        ({"train": {"epochs": -1}}, "train.epochs"),
+        ({"train": {"lr": "fast"}}, "train.lr"),
+        ({"train": {"per_model": {"lenet": {"epochs": -3}}}}, "train.per_model.lenet.epochs"),
+        ({"train": {"per_model": {"vgg": {"epochs": 3}}}}, "train.per_model"),
+        ({"train": {"checkpoint_epochs": []}}, "train.checkpoint_epochs"),
+        ({"models": ["lenet", "vgg16"]}, "models.1"),
+        ({"data": {"dataset": "mnist"}}, "data.dataset"),
+        ({"data": {"image_size": 8}}, "data.image_size"),
+        ({"data": {"dataset": "caltech101"}}, "data.root"),
+        ({"data": {"synthetic": {"scale_range": [0.9, 0.5]}}}, "data.synthetic.scale_range"),
+        ({"device": "tpu"}, "device"),
+        ({"tarin": {}}, "tarin"),
+        ({"architecture": {"zfnet": {"fc_widht": 3}}}, "architecture.zfnet"),
+    ],
+)
+def test_bad_value_is_refused_naming_its_key(change, key):
+    with pytest.raises(ConfigError) as err:
+        validate_config(overlay(default_config(), change))
+    assert f"'{key}'" in str(err.value) or key in str(err.value)
+
+
+def test_checkpoint_epochs_are_cut_to_the_epochs_run_and_keep_the_last():
+    config = validate_config(overlay(default_config(), {"train": {"per_model": {"lenet": {"epochs": 7}}}}))
+    assert train_settings(config, "lenet")["checkpoint_epochs"] == [1, 2, 5, 7]
+
+
+def test_per_model_override_changes_only_that_model():
+    base = validate_config(default_config())
+    edited = validate_config(overlay(default_config(), {"train": {"per_model": {"lenet": {"epochs": 3}}}}))
+    assert train_settings(base, "lenet") != train_settings(edited, "lenet")
+    for model in ("alexnet", "zfnet", "resnet50"):
+        assert train_settings(base, model) == train_settings(edited, model)
+
+
+def test_target_settings_do_not_touch_the_source_dataset():
+    base = validate_config(default_config())
+    edited = validate_config(overlay(default_config(), {"data": {"synthetic": {"target_train_per_class": 7}}}))
+    assert dataset_settings(base) == dataset_settings(edited)
+
+
+def test_schema_model_names_match_the_registry():
+    from convviz.models.registry import MODELS
+
+    schema = yaml.safe_load((ROOT / "schemas/config.schema.yaml").read_text())
+    assert schema["properties"]["models"]["items"]["enum"] == list(MODELS)

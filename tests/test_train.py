@@ -1,0 +1,115 @@
+"""Training: checkpoints and history as promised, and exact resume after an interruption."""
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+
+from convviz.models.checkpoint import load_checkpoint
+from convviz.train import TrainOutputs, lr_factor, train_model
+
+SETTINGS = {
+    "epochs": 3, "lr": 0.05, "schedule": "cosine", "step_size": 5, "gamma": 0.1, "batch_size": 8,
+    "momentum": 0.9, "weight_decay": 0.0005, "augment": True, "amp": True, "channels_last": True,
+    "num_workers": 0, "threads": 1, "checkpoint_epochs": [1, 3],
+}
+
+
+def outputs(tmp: Path) -> TrainOutputs:
+    return TrainOutputs(final=tmp / "final.pt", history=tmp / "history.parquet",
+                        checkpoint_dir=tmp / "ckpt", resume=tmp / "resume" / "last.pt", curves=tmp / "curves.png")
+
+
+def run(tmp, data, **kw):
+    return train_model("lenet", data, outputs(tmp), arch_cfg={}, train_cfg=SETTINGS, seed=3, device="cpu",
+                       log=lambda m: None, **kw)
+
+
+def assert_same_weights(a: Path, b: Path):
+    sa, sb = load_checkpoint(a)["state_dict"], load_checkpoint(b)["state_dict"]
+    assert sa.keys() == sb.keys()
+    for k in sa:
+        assert torch.equal(sa[k], sb[k]), k
+
+
+def test_training_writes_history_checkpoints_and_curves(tmp_path, tiny_dataset):
+    history = run(tmp_path, tiny_dataset)
+    assert list(history.columns) == ["epoch", "split", "loss", "top1", "top5", "lr", "seconds"]
+    assert len(history) == 6 and set(history["split"]) == {"train", "val"}
+    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["epoch_001.pt", "epoch_003.pt"]
+    ckpt = load_checkpoint(tmp_path / "final.pt")
+    assert ckpt["model"] == "lenet" and ckpt["epoch"] == 3 and ckpt["num_classes"] == 3
+    assert pd.read_parquet(tmp_path / "history.parquet").equals(history)
+    assert (tmp_path / "curves.png").stat().st_size > 10_000
+
+
+def test_resumed_run_ends_with_the_same_weights_as_an_uninterrupted_one(tmp_path, tiny_dataset):
+    run(tmp_path / "straight", tiny_dataset)
+    run(tmp_path / "resumed", tiny_dataset, stop_after_epoch=1)
+    assert not (tmp_path / "resumed" / "final.pt").exists()
+    history = run(tmp_path / "resumed", tiny_dataset)
+    assert_same_weights(tmp_path / "straight" / "final.pt", tmp_path / "resumed" / "final.pt")
+    assert list(history["epoch"]) == [1, 1, 2, 2, 3, 3]
+
+
+def test_resume_state_of_another_configuration_is_ignored(tmp_path, tiny_dataset):
+    run(tmp_path, tiny_dataset, stop_after_epoch=1)
+    messages = []
+    other = dict(SETTINGS, lr=0.01)
+    train_model("lenet", tiny_dataset, outputs(tmp_path), arch_cfg={}, train_cfg=other, seed=3, device="cpu",
+                log=messages.append)
+    assert any("different configuration" in m for m in messages)
+
+
+def test_lr_schedules():
+    assert lr_factor("constant", 7, 10, 5, 0.1) == 1.0
+    assert lr_factor("step", 4, 10, 5, 0.1) == 1.0 and lr_factor("step", 5, 10, 5, 0.1) == pytest.approx(0.1)
+    assert lr_factor("cosine", 0, 10, 5, 0.1) == 1.0 and lr_factor("cosine", 5, 10, 5, 0.1) == pytest.approx(0.5)
+
+
+DRIVER = textwrap.dedent(
+    """
+    import sys, torch
+    from pathlib import Path
+    torch.set_num_threads(1)
+    from convviz.train import TrainOutputs, train_model
+    tmp, data = Path(sys.argv[1]), sys.argv[2]
+    settings = dict(epochs=3, lr=0.01, schedule="step", step_size=2, gamma=0.5, batch_size=4, momentum=0.9,
+                    weight_decay=0.0005, augment=True, amp=False, channels_last=False, num_workers=0, threads=1,
+                    checkpoint_epochs=[3])
+    out = TrainOutputs(final=tmp / "final.pt", history=tmp / "history.parquet", checkpoint_dir=tmp / "ckpt",
+                       resume=tmp / "resume" / "last.pt")
+    train_model("zfnet", data, out, arch_cfg={"fc_width": 16}, train_cfg=settings, seed=1, device="cpu")
+    """
+)
+
+
+def test_training_killed_mid_epoch_resumes_to_identical_weights(tmp_path, tiny_dataset):
+    """SIGKILL during epoch 2 (after epoch 1's resume state exists), rerun, compare with a straight run."""
+    driver = tmp_path / "driver.py"
+    driver.write_text(DRIVER)
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parent.parent))
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    subprocess.run([sys.executable, driver, straight, tiny_dataset], check=True, env=env, capture_output=True)
+
+    proc = subprocess.Popen([sys.executable, driver, killed, tiny_dataset], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    deadline = time.time() + 120
+    while not (killed / "resume" / "last.pt").exists():
+        assert proc.poll() is None and time.time() < deadline, "training ended before its first epoch was saved"
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (killed / "final.pt").exists()
+
+    out = subprocess.run([sys.executable, driver, killed, tiny_dataset], check=True, env=env,
+                         capture_output=True, text=True).stdout
+    assert "resuming zfnet from epoch" in out
+    assert_same_weights(straight / "final.pt", killed / "final.pt")
