@@ -72,7 +72,7 @@ def measure(model_name: str, data_dir: Path, dev, batch_size: int, repeats: int)
     ds.manifest = ds.manifest.iloc[:n]
     ds.labels = ds.labels[:n]
     t0 = time.perf_counter()
-    _train_one_epoch(model, ds, opt, scaler, dev, 0, 1, batch_size, SETTINGS, amp, renorm, lambda m: None)
+    _train_one_epoch(model, ds, opt, scaler, dev, 0, 1, batch_size, SETTINGS, amp, renorm, lambda m: None, 0.001)
     _sync(dev)
     cold = n / (time.perf_counter() - t0)  # first epoch decodes every PNG
     x = torch.randn(batch_size, 3, ds.image_size, ds.image_size, device=dev)
@@ -80,7 +80,7 @@ def measure(model_name: str, data_dir: Path, dev, batch_size: int, repeats: int)
     loop, bare = [], []
     for r in range(repeats):  # interleaved so drift in machine load hits both alike
         t0 = time.perf_counter()
-        _train_one_epoch(model, ds, opt, scaler, dev, 0, 2 + r, batch_size, SETTINGS, amp, renorm, lambda m: None)
+        _train_one_epoch(model, ds, opt, scaler, dev, 0, 2 + r, batch_size, SETTINGS, amp, renorm, lambda m: None, 0.001)
         _sync(dev)
         loop.append(n / (time.perf_counter() - t0))
         bare.append(n / bare_steps(model, opt, x, y, n // batch_size, amp, dev))

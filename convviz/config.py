@@ -66,7 +66,7 @@ def validate_config(config: dict, schema_path: str | Path = SCHEMA_PATH) -> dict
     """
     schema = load_schema(schema_path)
     _fill_defaults(config, schema)
-    validator = jsonschema.Draft7Validator(schema)
+    validator = jsonschema.Draft202012Validator(schema)
     problems = [_describe(e) for e in sorted(validator.iter_errors(config), key=lambda e: list(map(str, e.absolute_path)))]
     if not problems:
         problems = _cross_checks(config)

@@ -171,11 +171,9 @@ def train_model(
     batch_size = int(train_cfg["batch_size"])
     for epoch in range(start_epoch, epochs + 1):
         lr = train_cfg["lr"] * lr_factor(train_cfg["schedule"], epoch - 1, epochs, train_cfg["step_size"], train_cfg["gamma"])
-        for group in optimizer.param_groups:
-            group["lr"] = lr
         t0 = time.time()
         train_stats = _train_one_epoch(
-            model, train_ds, optimizer, scaler, dev, seed, epoch, batch_size, train_cfg, amp, renormalize, log
+            model, train_ds, optimizer, scaler, dev, seed, epoch, batch_size, train_cfg, amp, renormalize, log, lr
         )
         seconds = time.time() - t0
         val_stats = evaluate(model, val_ds, dev, batch_size, amp, int(train_cfg["num_workers"]))
@@ -213,8 +211,12 @@ def _image_size(data_dir) -> int:
     return int(json.loads((Path(data_dir) / "dataset.json").read_text())["image_size"])
 
 
-def _train_one_epoch(model, dataset, optimizer, scaler, dev, seed, epoch, batch_size, cfg, amp, renormalize, log) -> dict:
-    """One pass over the training split; randomness depends only on (seed, epoch)."""
+def _train_one_epoch(model, dataset, optimizer, scaler, dev, seed, epoch, batch_size, cfg, amp, renormalize, log, lr) -> dict:
+    """One pass over the training split at learning rate ``lr``; randomness depends only on (seed, epoch).
+
+    During the first ``warmup_epochs`` the rate ramps up linearly per step (Goyal et al. 2017): nets
+    without BatchNorm (alexnet, zfnet) otherwise die at chance level in their first steps.
+    """
     model.train()
     torch.manual_seed(epoch_seed(seed, epoch))  # dropout of this epoch
     gen = torch.Generator().manual_seed(epoch_seed(seed, epoch) + 1)
@@ -224,8 +226,12 @@ def _train_one_epoch(model, dataset, optimizer, scaler, dev, seed, epoch, batch_
     report_every = max(1, n_batches // 4)
     total, loss_sum, c1, c5 = 0, 0.0, 0, 0
     channels_last = dev.type == "cuda" and cfg.get("channels_last", True)
+    warmup_steps = int(cfg.get("warmup_epochs", 0) * n_batches)
     t0 = time.time()
     for b, (raw, labels) in enumerate(batches_of(dataset, order, batch_size, int(cfg["num_workers"]))):
+        step = (epoch - 1) * n_batches + b
+        for group in optimizer.param_groups:
+            group["lr"] = lr * min(1.0, (step + 1) / warmup_steps) if step < warmup_steps else lr
         if len(labels) < 2 and total > 0:
             continue  # a 1-image tail batch breaks BatchNorm; its images are seen next epoch
         x = dataset.normalise(raw)
@@ -241,6 +247,10 @@ def _train_one_epoch(model, dataset, optimizer, scaler, dev, seed, epoch, batch_
             loss = F.cross_entropy(logits.float(), labels)
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
+        if cfg.get("grad_clip"):
+            # Caps rare huge steps that kill ReLUs in nets without BatchNorm (alexnet, zfnet).
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg["grad_clip"])
         scaler.step(optimizer)
         scaler.update()
         if renormalize is not None:

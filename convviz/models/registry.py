@@ -129,12 +129,17 @@ def alexnet(
         model.classifier[4] = nn.Linear(fc_width, fc_width)
         model.classifier[6] = nn.Linear(fc_width, num_classes)
     if init == "kaiming":
-        # He init: without BatchNorm, torchvision's default start stalls at chance for many
-        # epochs on small datasets; this one leaves chance within a few.
-        for module in model.modules():
-            if isinstance(module, (nn.Conv2d, nn.Linear)):
+        # He init of the conv layers: without BatchNorm, torchvision's default start stalls at
+        # chance for many epochs on small datasets. The fc layers keep torchvision's init: at
+        # small inputs AdaptiveAvgPool2d((6, 6)) repeats each conv5 value up to 36 times, so a
+        # fan-in init of fc6 would blow up its output.
+        for module in model.features.modules():
+            if isinstance(module, nn.Conv2d):
                 nn.init.kaiming_normal_(module.weight, nonlinearity="relu")
                 nn.init.zeros_(module.bias)
+        # A zero classifier starts at exactly ln(classes) loss: no early spike that kills ReLUs.
+        nn.init.zeros_(model.classifier[6].weight)
+        nn.init.zeros_(model.classifier[6].bias)
     elif init != "torchvision":
         raise ValueError(f"alexnet init must be 'torchvision' or 'kaiming', got {init!r}")
     if tv_weights is not None:
@@ -148,7 +153,9 @@ def resnet50(num_classes: int, input_size: int, weights=None) -> nn.Module:
     if not isinstance(input_size, int) or input_size < 1:
         raise ValueError(f"resnet50: input_size must be a positive int, got {input_size!r}")
     head_classes = _IMAGENET_CLASSES if tv_weights is not None else num_classes
-    model = tvm.resnet50(weights=None, num_classes=head_classes)
+    # zero_init_residual: each block starts as the identity (Goyal et al. 2017), which keeps a
+    # from-scratch run on a small dataset stable; pretrained weights overwrite it anyway.
+    model = tvm.resnet50(weights=None, num_classes=head_classes, zero_init_residual=True)
     if tv_weights is not None:
         _load_pretrained(model, tv_weights, num_classes, "fc", "resnet50")
     return model

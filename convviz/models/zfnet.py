@@ -87,6 +87,9 @@ class ZFNet(nn.Module):
                 else:
                     nn.init.kaiming_normal_(module.weight, nonlinearity="relu")
                 nn.init.zeros_(module.bias)
+        if init == "kaiming":
+            # A zero classifier starts at exactly ln(classes) loss: no early spike that kills ReLUs.
+            nn.init.zeros_(self.classifier[-1].weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.features(x)
