@@ -1,0 +1,253 @@
+"""The Sec. 2.1 deconvnet: explicit and autograd versions agree, match Captum, and batch correctly."""
+
+import copy
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from convviz.deconv import (
+    ExplicitDeconvnet,
+    GeneralDeconvnet,
+    _unpool,
+    forward_to,
+    layer_signal,
+    parse_units,
+    project,
+    strongest_units,
+)
+from convviz.models import build_model, get_spec
+
+SIZE = 64
+ARCH = {"lenet": None, "alexnet": {"fc_width": 64}, "zfnet": {"fc_width": 64}, "resnet50": None}
+PLAIN = ["lenet", "alexnet", "zfnet"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Small convolutions run fastest on one thread, and far faster when other jobs share the 2 cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def models():
+    """Randomly initialised models in eval mode, built once (64 px inputs, narrow fc layers)."""
+    torch.manual_seed(0)
+    built = {}
+    for name, arch in ARCH.items():
+        built[name] = build_model(name, 10, SIZE, arch).eval()
+    return built
+
+
+@pytest.fixture(scope="module")
+def images():
+    return torch.randn(3, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(1))
+
+
+def layer_acts(model, name, layer, images):
+    with torch.no_grad():
+        return forward_to(model, model.get_submodule(get_spec(name).layers[layer]), images).clone()
+
+
+def random_units(acts, count, seed, active=True, whole_map=False):
+    """`count` units (batch_index, channel[, y, x]) drawn among the (in)active activations of `acts`."""
+    mask = acts > 0 if active else acts == 0
+    where = mask.nonzero()
+    pick = where[torch.randperm(len(where), generator=torch.Generator().manual_seed(seed))[:count]]
+    return pick[:, :2] if whole_map else pick
+
+
+def assert_close(actual, expected, rtol=1e-5):
+    """Equal up to rtol times the largest magnitude (the projections' scale varies by orders)."""
+    scale = expected.abs().max()
+    assert scale > 0, "a projection that is all zero proves nothing"
+    assert (actual - expected).abs().max() <= rtol * scale
+
+
+@pytest.mark.parametrize("name", PLAIN)
+def test_explicit_deconvnet_equals_general_deconvnet_on_plain_models(models, images, name):
+    model, spec = models[name], get_spec(name)
+    for seed, layer in enumerate(spec.layers):
+        acts = layer_acts(model, name, layer, images)
+        units = random_units(acts, 3, seed)
+        explicit = project(model, layer, images, units, method="explicit", spec=spec)
+        general = project(model, layer, images, units, method="general", spec=spec)
+        assert explicit.shape == (len(units), 3, SIZE, SIZE)
+        assert_close(explicit, general)
+        if acts.ndim == 4:  # whole feature maps too
+            maps = random_units(acts, 2, seed, whole_map=True)
+            assert_close(project(model, layer, images, maps, method="explicit", spec=spec),
+                         project(model, layer, images, maps, spec=spec))
+
+
+@pytest.mark.parametrize("name", list(ARCH))
+def test_general_deconvnet_matches_captum_neuron_deconvolution(models, images, name):
+    from captum.attr import NeuronDeconvolution
+
+    model, spec = models[name], get_spec(name)
+    for seed, (layer, path) in enumerate(spec.layers.items()):
+        acts = layer_acts(model, name, layer, images)
+        units = random_units(acts, 2, seed)
+        # Captum starts from 1 at the neuron and back-propagates LRN by its true gradient.
+        ours = project(model, layer, images, units, spec=spec, signal="one", contrast_norm="gradient")
+        captum = NeuronDeconvolution(model, model.get_submodule(path))
+        for row, (b, *neuron) in enumerate(units.tolist()):
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # Captum announces its ReLU hooks
+                expected = captum.attribute(images[b : b + 1], neuron_selector=tuple(neuron))
+            assert_close(ours[row], expected[0])
+
+
+def test_signal_one_is_the_activation_signal_rescaled(models, images):
+    model, spec = models["zfnet"], get_spec("zfnet")
+    acts = layer_acts(model, "zfnet", "conv3", images)
+    units = random_units(acts, 2, 0)
+    value = acts[tuple(units.T)]
+    one = project(model, "conv3", images, units, spec=spec, signal="one")
+    assert_close(project(model, "conv3", images, units, spec=spec), one * value.view(-1, 1, 1, 1))
+
+
+def test_contrast_norm_identity_differs_from_its_gradient(models, images):
+    model, spec = models["zfnet"], get_spec("zfnet")
+    units = random_units(layer_acts(model, "zfnet", "conv2", images), 1, 0)
+    identity = project(model, "conv2", images, units, spec=spec)
+    gradient = project(model, "conv2", images, units, spec=spec, contrast_norm="gradient")
+    assert (identity - gradient).abs().max() > 1e-3 * identity.abs().max()
+
+
+@pytest.mark.parametrize("name", ["alexnet", "resnet50"])
+def test_inplace_relus_project_like_out_of_place_ones(models, images, name):
+    model, spec = models[name], get_spec(name)
+    assert any(isinstance(m, nn.ReLU) and m.inplace for m in model.modules())
+    twin = copy.deepcopy(model)
+    for module in twin.modules():
+        if isinstance(module, nn.ReLU):
+            module.inplace = False
+    layer = spec.top_conv
+    units = random_units(layer_acts(model, name, layer, images), 3, 0)
+    ours, reference = (project(net, layer, images, units, spec=spec) for net in (model, twin))
+    assert_close(ours, reference, rtol=1e-6)
+
+
+@pytest.mark.parametrize("method", ["explicit", "general"])
+@pytest.mark.parametrize("layer", ["conv2", "fc6"])
+def test_unit_with_zero_activation_projects_to_exact_zeros(models, images, method, layer):
+    model, spec = models["zfnet"], get_spec("zfnet")
+    units = random_units(layer_acts(model, "zfnet", layer, images), 2, 0, active=False)
+    out = project(model, layer, images, units, method=method, spec=spec)
+    assert len(units) == 2 and torch.equal(out, torch.zeros_like(out))
+
+
+def model_state(model):
+    return {
+        "modules": list(model.modules()),
+        "training": [m.training for m in model.modules()],
+        "requires_grad": [p.requires_grad for p in model.parameters()],
+        "inplace": [m.inplace for m in model.modules() if isinstance(m, nn.ReLU)],
+        "hooks": [len(m._forward_hooks) + len(m._forward_pre_hooks) + len(m._backward_hooks) for m in model.modules()],
+    }
+
+
+@pytest.mark.parametrize("name", ["alexnet", "resnet50"])
+def test_model_is_restored_after_projection_even_on_error(models, images, name):
+    model, spec = models[name], get_spec(name)
+    model.train()
+    next(model.parameters()).requires_grad_(False)  # a mixed state must come back as it was
+    before = model_state(model)
+    try:
+        with GeneralDeconvnet(model):
+            assert not any(p.requires_grad for p in model.parameters())
+            assert not any(m.training for m in model.modules())
+            assert not any(m.inplace for m in model.modules() if isinstance(m, nn.ReLU))
+        project(model, spec.top_conv, images, [(0, 1, 0, 0), (1, 2, 0, 0)], spec=spec)
+        project(model, spec.top_conv, images, [(1, 2)], spec=spec)
+        with pytest.raises(ValueError, match="channel out of range"):
+            project(model, spec.top_conv, images, [(0, 10**6)], spec=spec)
+        after = model_state(model)
+    finally:
+        model.eval()
+        next(model.parameters()).requires_grad_(True)
+    assert after["modules"] == before["modules"]  # same module objects, none swapped
+    assert after == before
+
+
+@pytest.mark.parametrize("method", ["explicit", "general"])
+def test_batched_projection_equals_projecting_each_unit_alone(models, images, method):
+    model, spec = models["zfnet"], get_spec("zfnet")
+    acts = layer_acts(model, "zfnet", "conv2", images)
+    for units in (random_units(acts, 7, 0), random_units(acts, 5, 1, whole_map=True)):
+        assert len(set(units[:, 0].tolist())) < len(units)  # images shared between units
+        batched = project(model, "conv2", images, units, method=method, spec=spec, chunk_size=3)
+        for row, unit in enumerate(units):
+            image = images[unit[0] : unit[0] + 1]
+            alone = project(model, "conv2", image, [(0, *unit[1:].tolist())], method=method, spec=spec)
+            assert_close(batched[row], alone[0], rtol=1e-6)
+
+
+def test_unpooling_adds_values_whose_overlapping_windows_share_a_switch():
+    x = torch.randn(2, 3, 9, 9, generator=torch.Generator().manual_seed(0), requires_grad=True)
+    out, switches = F.max_pool2d(x, 3, 2, 1, return_indices=True)
+    signal = torch.rand(out.shape, generator=torch.Generator().manual_seed(1))
+    (expected,) = torch.autograd.grad(out, x, signal)  # max-pool backward: the exact transpose
+    assert torch.allclose(_unpool(signal, switches, (9, 9)), expected)
+    # Non-overlapping pools: same as F.max_unpool2d.
+    out, switches = F.max_pool2d(x.detach(), 2, 2, return_indices=True)
+    assert torch.equal(_unpool(out, switches, (9, 9)), F.max_unpool2d(out, switches, 2, 2, output_size=(9, 9)))
+
+
+def test_layer_signal_keeps_only_the_unit_or_its_whole_map():
+    rows = torch.rand(2, 3, 4, 4) + 0.5  # row u: the layer output of unit u's image
+    single = layer_signal(rows, parse_units([(1, 2, 3, 0), (0, 1, 0, 2)], 2))
+    assert single.count_nonzero() == 2
+    assert single[0, 2, 3, 0] == rows[0, 2, 3, 0] and single[1, 1, 0, 2] == rows[1, 1, 0, 2]
+    maps = layer_signal(rows, parse_units([(1, 2), (0, 0)], 2), signal="one")
+    assert torch.equal(maps[0, 2], torch.ones(4, 4)) and torch.equal(maps[1, 0], torch.ones(4, 4))
+    assert maps.sum() == 32
+    fc = layer_signal(rows[:, :, 0, 0], parse_units([(0, 1), (1, 2)], 2))
+    assert fc.count_nonzero() == 2 and fc[0, 1] == rows[0, 1, 0, 0]
+    with pytest.raises(ValueError, match="need a conv layer"):
+        layer_signal(rows[:, :, 0, 0], parse_units([(0, 1, 0, 0)], 2))
+
+
+class _Residual(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 3, 3, padding=1)
+        self.relu = nn.ReLU()
+
+    def forward(self, x):
+        return self.relu(self.conv(x) + x)
+
+
+def test_explicit_deconvnet_rejects_a_network_that_is_not_a_plain_stack():
+    with pytest.raises(ValueError, match="not a plain stack"):
+        ExplicitDeconvnet(_Residual()).project(torch.randn(1, 3, 8, 8), "relu", [(0, 0, 1, 1)])
+    with pytest.raises(ValueError, match="cannot project through BatchNorm2d"):
+        ExplicitDeconvnet(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU()).eval()).project(
+            torch.randn(1, 3, 8, 8), "2", [(0, 0, 1, 1)])
+
+
+def test_strongest_units_point_at_each_maps_maximum():
+    acts = torch.rand(2, 3, 5, 4)
+    units = strongest_units(acts)
+    assert units.shape == (6, 4)
+    for b, c, y, x in units.tolist():
+        assert acts[b, c, y, x] == acts[b, c].max()
+
+
+def test_explicit_trace_is_reused_until_a_module_is_replaced():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(36, 5), nn.ReLU())
+    model.eval()
+    x = torch.randn(2, 3, 8, 8)
+    first = ExplicitDeconvnet(model).trace(x[:1])
+    assert ExplicitDeconvnet(model).trace(x[:1]) is first
+    model[4] = nn.Linear(36, 5)  # a new module object: the old trace must not be used
+    assert ExplicitDeconvnet(model).trace(x[:1]) is not first
+    units = [(0, 3), (1, 0), (1, 4)]
+    assert_close(project(model, "5", x, units, method="explicit"), project(model, "5", x, units))
