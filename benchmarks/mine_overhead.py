@@ -153,16 +153,6 @@ def main() -> None:
     images = torch.rand(args.images, 3, args.image_size, args.image_size, generator=torch.Generator().manual_seed(0))
     batches = make_batches(images, args.batch_size)
     device_name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
-    rows = []
-    for name in args.models:
-        row = measure(name, batches, dev, args.repeats, args.image_size)
-        rows.append(row)
-        print(
-            f"{name}: ratio {row['ratio']} {'ok' if row['meets_goal'] else 'OVER ' + str(GOAL)} (batchwise plain "
-            f"{row['batchwise_plain_s']:.2f}s, mine {row['batchwise_mine_s']:.2f}s); whole passes: wall "
-            f"{row['whole_pass_ratio']} (plain {min(row['plain_s']):.2f}s), cpu time {row['cpu_time_ratio']}",
-            flush=True,
-        )
     summary = {
         "device": device_name,
         "torch": torch.__version__,
@@ -171,9 +161,18 @@ def main() -> None:
         "batch_size": args.batch_size,
         "repeats": args.repeats,
         "goal_ratio": GOAL,
-        "rows": rows,
+        "rows": [],
     }
-    write_json(summary, args.out)
+    for name in args.models:
+        row = measure(name, batches, dev, args.repeats, args.image_size)
+        summary["rows"].append(row)
+        write_json(summary, args.out)  # after every model: a long run that dies keeps what it measured
+        print(
+            f"{name}: ratio {row['ratio']} {'ok' if row['meets_goal'] else 'OVER ' + str(GOAL)} (batchwise plain "
+            f"{row['batchwise_plain_s']:.2f}s, mine {row['batchwise_mine_s']:.2f}s); whole passes: wall "
+            f"{row['whole_pass_ratio']} (plain {min(row['plain_s']):.2f}s), cpu time {row['cpu_time_ratio']}",
+            flush=True,
+        )
     print(f"wrote {args.out}")
 
 
