@@ -17,11 +17,15 @@ Three measurements per model:
                     interleaved): the end-to-end figure, as noisy as the machine.
   cpu_time_ratio    the same whole passes in process CPU time (all threads): insensitive to
                     time spent waiting for a busy machine, but it counts threads spinning.
+Mining runs with mine_top9's default thread policy (`auto_mining_threads`: one thread for the
+mining ops when the machine is oversubscribed) unless --mining-threads says otherwise; each
+row records the load average, which decides it.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import time
@@ -33,11 +37,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from convviz.io import write_json  # noqa: E402
 from convviz.models.registry import build_model, resolve_layers  # noqa: E402
-from convviz.topk import LayerMiner, mine_top9  # noqa: E402
+from convviz.topk import LayerMiner, auto_mining_threads, mine_top9  # noqa: E402
 
 # As in config.yaml's `architecture` section.
 ARCH = {"lenet": {}, "alexnet": {"fc_width": 512}, "zfnet": {"fc_width": 512}, "resnet50": {}}
 GOAL = 1.15
+MINING_THREADS: int | None | str = "auto"  # --mining-threads
 
 
 def make_batches(images: torch.Tensor, batch_size: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -74,9 +79,10 @@ def plain_pass(model, batches, dev) -> None:
             model(images.to(dev, non_blocking=True))
 
 
-def mine_pass(model, name, batches, dev) -> None:
+def mine_pass(model, name, batches, dev, threads=MINING_THREADS) -> None:
     """mine_top9 over every analysis layer, results on the host included."""
-    mine_top9(model, resolve_layers(name, None), batches, k=9, device=dev, log=lambda m: None, model_name=name)
+    layers = resolve_layers(name, None)
+    mine_top9(model, layers, batches, k=9, device=dev, log=lambda m: None, model_name=name, mining_threads=threads)
 
 
 def _mine_batch(miner: LayerMiner, images, ids) -> None:
@@ -91,7 +97,7 @@ def batchwise(model, name, batches, dev, repeats: int) -> tuple[float, float]:
     mine = [[] for _ in batches]
     finish = []
     for r in range(repeats):
-        miner = LayerMiner(model, resolve_layers(name, None), k=9, model_name=name)
+        miner = LayerMiner(model, resolve_layers(name, None), k=9, model_name=name, mining_threads=MINING_THREADS)
         for i, (images, ids) in enumerate(batches):
             images, ids = images.to(dev), ids.to(dev)
             runs = [(plain[i], lambda: _plain_batch(model, images)), (mine[i], lambda: _mine_batch(miner, images, ids))]
@@ -112,6 +118,7 @@ def whole_passes(model, name, batches, dev, repeats: int) -> tuple[list, list]:
 
 
 def measure(name: str, batches, dev, repeats: int, image_size: int) -> dict:
+    load_before = _load()
     torch.manual_seed(0)
     model = build_model(name, 10, image_size, ARCH[name]).to(dev).eval()
     plain_pass(model, batches[:2], dev)  # warm-up: allocator, kernel selection
@@ -133,7 +140,17 @@ def measure(name: str, batches, dev, repeats: int, image_size: int) -> dict:
         "median_pair_ratio": round(statistics.median(m / p for m, p in zip(mine_wall, plain_wall)), 3),
         "cpu_time_ratio": round(min(mine_cpu) / min(plain_cpu), 3),
         "meets_goal": ratio <= GOAL,
+        "mining_threads": MINING_THREADS,
+        "auto_choice_now": auto_mining_threads(),
+        "load_average_before_after": [load_before, _load()],
     }
+
+
+def _load() -> float | None:
+    try:
+        return round(os.getloadavg()[0], 2)
+    except OSError:
+        return None
 
 
 def main() -> None:
@@ -145,8 +162,13 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--mining-threads", default="auto", help="auto (default), none (torch's), or a count")
     parser.add_argument("--out", default="results/benchmarks/mine_overhead.json")
     args = parser.parse_args()
+    global MINING_THREADS
+    MINING_THREADS = {"auto": "auto", "none": None}.get(args.mining_threads.lower(), None)
+    if args.mining_threads.lower() not in ("auto", "none"):
+        MINING_THREADS = int(args.mining_threads)
     dev = torch.device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)

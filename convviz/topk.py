@@ -6,12 +6,12 @@ davidbau/dissect's runningstats, a small accumulator per layer is fed batch afte
 (`add`) and read at the end (`result`); one pass over a split feeds every layer at once, and
 the state (a [C, k] table and a fixed [C, buffer_size] buffer) does not grow with the dataset.
 
-Per batch and conv layer: the max over the flattened h*w positions per image and channel
-(`amax`), the batch's own best k images per channel (the only ones that can reach the top k),
-and the argmax position of just those maps, appended to a fixed-size buffer (fc layers append
-every image). A full buffer is merged into the running [C, k] table with one topk. Everything
-stays on the device; the only host transfer is in `result`. On the CPU these ops run on one
-thread (`_one_cpu_thread`). Cost: see benchmarks/mine_overhead.py.
+Per batch and layer: the max over the flattened h*w positions per image and channel (`amax`)
+goes to a fixed-size buffer as a sortable key, with the argmax position of the maps that can
+still make the table; the buffer is merged into the running [C, k] table with one topk (see
+TopKImages). Everything stays on the device, and the only host transfer is in `result` (on
+the CPU, a conv layer also reads one count per batch: no real sync there). On a busy CPU the
+ops run on one thread (`auto_mining_threads`). Cost: see benchmarks/mine_overhead.py.
 
 Distinctness: each image index must be fed exactly once over the whole pass (true for one pass
 over a split, whatever the batching or order). Then the candidates of a batch are distinct
@@ -26,6 +26,7 @@ batching or data order.
 from __future__ import annotations
 
 import contextlib
+import os
 import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Callable
@@ -41,29 +42,34 @@ TopKResult = tuple[Tensor, Tensor, Tensor, Tensor]
 class TopKImages:
     """Running per-channel top-k of distinct images by spatial-max activation.
 
-    State, all [C, ...] int64 on the device of the first batch, of fixed size:
-      table   `key` [C, k], `flat` [C, k]: the best k so far, best first. `key` packs value and
-              image index into one sortable integer (see `_rank_key`); `flat` is the position
-              of the maximum in the flattened h*w map.
-      buffer  [C, buffer_size] keys and positions of candidates not yet merged into the table
-              (grown once to the batch size if a batch has more candidates than that).
-    Per batch, conv maps: spatial max values with `amax`, then the batch's own best k per
-    channel by key (only those can reach the global top k), and the argmax position of just
-    those k maps (an argmax over every map costs several times more than the max). fc layers
-    have no position to find, so all B keys go to the buffer as they are. A full buffer is
-    merged into the table with one topk (per element, a long topk is cheaper than many short).
+    State: `_keys` and `_flat`, [k + buffer_size, C] int64 each, on the device of the first
+    batch. Rows [0, k) are the table: after a merge, the best k so far, best first. The other
+    rows buffer candidates not merged yet, one row per image (a batch is one contiguous
+    block). A key packs value and image index into one sortable integer (`_rank_key`); `flat`
+    is the position of the maximum in the flattened h*w map. Nothing grows with the data (a
+    batch larger than the buffer widens it once).
+
+    Per batch: the spatial max of every (image, channel) with `amax` and its key go to the
+    buffer. An argmax costs several times more than a max, so positions are found only for
+    candidates that can still make the table: keys above the table's k-th key (on the CPU,
+    after the first merges that is a few percent of them; elsewhere, or while most are, every
+    map's argmax is taken, which also avoids a device sync). The others keep a stale position:
+    they cannot win, since k table entries already beat them. Merges (one topk over the
+    [k + filled, C] keys) come after 1, 2, 4, ... batches' worth of images, so the threshold
+    sharpens quickly, then whenever the buffer is full (a long topk is cheaper per element).
     """
 
-    def __init__(self, channels: int, k: int = 9, buffer_size: int = 256):
-        if channels < 1 or k < 1 or buffer_size < k:
-            raise ValueError(f"need channels >= 1, k >= 1 and buffer_size >= k, got {channels}, {k}, {buffer_size}")
-        self.channels, self.k, self.buffer_size = channels, k, buffer_size
-        self.width: int | None = None  # map width, fixed by the first batch (1 for fc layers)
-        empty = _rank_key(torch.full((channels, k), float("-inf")), torch.full((channels, k), -1))
-        self.key, self.flat = empty, torch.zeros((channels, k), dtype=torch.int64)
-        self._buffer: tuple[Tensor, Tensor] | None = None  # key, flat: [C, buffer_size] each
-        self._channel_rows: Tensor | None = None  # [C, 1]: c, on the buffer's device
-        self._filled = 0  # buffer columns in use (a Python int: reading it needs no device sync)
+    def __init__(self, channels: int, k: int = 9, buffer_size: int = 256, threads: int | None = None):
+        """threads: intra-op threads for this accumulator's CPU ops (None: torch's setting);
+        see `auto_mining_threads`."""
+        if channels < 1 or k < 1 or buffer_size < 1:
+            raise ValueError(f"need channels, k and buffer_size >= 1, got {channels}, {k}, {buffer_size}")
+        self.channels, self.k, self.buffer_size, self.threads = channels, k, buffer_size, threads
+        self.width: int | None = None  # map width, fixed by the first batch (None for fc layers)
+        self._keys: Tensor | None = None  # [k + buffer_size, C]
+        self._flat: Tensor | None = None  # [k + buffer_size, C]
+        self._filled = 0  # buffered candidate rows (Python ints: reading them needs no sync)
+        self._merged = 0  # images folded into the table so far
 
     def add(self, feature_maps: Tensor, image_ids: Tensor) -> None:
         """Take a batch: feature_maps [B, C, h, w] (conv) or [B, C] (fc), image_ids [B] int64.
@@ -71,20 +77,22 @@ class TopKImages:
         Every image index must be fed only once over the whole pass (see the module doc).
         """
         self._check(feature_maps, image_ids)
-        device = feature_maps.device
-        batch = feature_maps.shape[0]
-        n = batch if feature_maps.dim() == 2 else min(self.k, batch)  # candidates per channel
-        with _one_cpu_thread(device):
-            if self._buffer is None or self._buffer[0].device != device or n > self.buffer_size:
-                self._allocate(device, n)
-            elif self._filled + n > self.buffer_size:
+        device, batch = feature_maps.device, feature_maps.shape[0]
+        with _cpu_threads(device, self.threads):
+            if self._keys is None or self._keys.device != device or batch > self.buffer_size:
+                self._allocate(device, batch)
+            elif self._filled + batch > min(self.buffer_size, max(self._merged, batch)):
                 self._merge()
-            key, flat = self._candidates(feature_maps, image_ids.to(device))  # [C, n] each
-            columns = slice(self._filled, self._filled + n)
-            self._buffer[0][:, columns] = key
-            if flat is not None:
-                self._buffer[1][:, columns] = flat
-        self._filled += n
+            rows = slice(self.k + self._filled, self.k + self._filled + batch)
+            ids = image_ids.to(device=device, dtype=torch.int64).unsqueeze(1)  # [B, 1]
+            if feature_maps.dim() == 2:
+                self._keys[rows] = _rank_key(feature_maps, ids)
+            else:
+                maps = feature_maps.flatten(2)  # [B, C, h*w]
+                key = _rank_key(maps.amax(dim=2), ids)  # [B, C]
+                self._keys[rows] = key
+                self._write_positions(maps, key, rows)
+        self._filled += batch
 
     def result(self) -> TopKResult:
         """(values [C, k] float32, image_index [C, k] int64, y [C, k], x [C, k]) on the CPU.
@@ -92,20 +100,23 @@ class TopKImages:
         Sorted by value, descending (ties: lower image index first). Slots with no image (fewer
         than k images seen) hold value -inf and image_index, y, x = -1. For fc layers y = x = 0.
         """
-        with _one_cpu_thread(self.key.device):
+        if self._keys is None:
+            self._allocate(torch.device("cpu"), 1)
+        with _cpu_threads(self._keys.device, self.threads):
             self._merge()
-        values, index = _unpack_key(self.key.cpu())
-        flat = self.flat.cpu()
-        width = self.width or 1
+        values, index = _unpack_key(self._keys[: self.k].t().cpu())
         empty = index < 0
-        y = torch.where(empty, -1, flat // width)
-        x = torch.where(empty, -1, flat % width)
+        if self.width is None:  # fc layer (or nothing seen): one position, 0
+            y = x = torch.where(empty, -1, 0)
+        else:
+            flat = self._flat[: self.k].t().cpu()
+            y = torch.where(empty, -1, flat // self.width)
+            x = torch.where(empty, -1, flat % self.width)
         return values, index, y, x
 
     def state_numel(self) -> int:
         """Number of elements held: table plus buffer (fixed; never grows with the data)."""
-        buffers = self._buffer or ()
-        return sum(t.numel() for t in (self.key, self.flat, *buffers))
+        return 0 if self._keys is None else self._keys.numel() + self._flat.numel()
 
     def _check(self, feature_maps: Tensor, image_ids: Tensor) -> None:
         """Validate shapes; the first batch fixes the map width."""
@@ -115,79 +126,85 @@ class TopKImages:
         if image_ids.dim() != 1 or image_ids.numel() != feature_maps.shape[0]:
             batch = feature_maps.shape[0]
             raise ValueError(f"image ids of shape {tuple(image_ids.shape)} for a batch of {batch} feature maps")
-        width = feature_maps.shape[-1] if feature_maps.dim() == 4 else 1
-        if self.width is None:
+        width = feature_maps.shape[-1] if feature_maps.dim() == 4 else None
+        if self._keys is None:
             self.width = width
         elif self.width != width:
             raise ValueError(f"feature map width changed from {self.width} to {width} between batches")
 
-    def _allocate(self, device: torch.device, columns: int) -> None:
-        """(Re)create the buffer on `device`, at least `columns` wide, after merging what it held."""
-        self._merge()
-        self.key, self.flat = self.key.to(device), self.flat.to(device)
-        self.buffer_size = max(self.buffer_size, columns)
-        shape = (self.channels, self.buffer_size)
-        # Positions start at 0 and fc layers never write theirs.
-        self._buffer = (
-            torch.empty(shape, dtype=torch.int64, device=device),
-            torch.zeros(shape, dtype=torch.int64, device=device),
-        )
-        self._channel_rows = torch.arange(self.channels, device=device).unsqueeze(1)
+    @torch.inference_mode(False)  # normal tensors: updated both inside and outside inference mode
+    def _allocate(self, device: torch.device, batch: int) -> None:
+        """(Re)create the state on `device`, the buffer at least `batch` wide, keeping the table."""
+        if self._keys is None:
+            # Empty slots: value -inf, image -1, below any real entry.
+            table = _rank_key(torch.full((self.k, self.channels), float("-inf")), torch.full((self.k, 1), -1))
+            table_flat = torch.zeros((self.k, self.channels), dtype=torch.int64)
+        else:
+            self._merge()
+            table, table_flat = self._keys[: self.k], self._flat[: self.k]
+        self.buffer_size = max(self.buffer_size, batch)
+        shape = (self.k + self.buffer_size, self.channels)
+        self._keys = torch.empty(shape, dtype=torch.int64, device=device)
+        self._flat = torch.empty(shape, dtype=torch.int64, device=device)  # fc layers never write theirs
+        self._keys[: self.k] = table.to(device)
+        self._flat[: self.k] = table_flat.to(device)
 
-    def _candidates(self, feature_maps: Tensor, image_ids: Tensor) -> tuple[Tensor, Tensor | None]:
-        """Keys [C, n] and flat positions [C, n] (None for fc: all 0) of a batch's candidates.
-
-        fc: all B images. conv: each channel's best min(k, B) images of the batch.
-        """
-        ids = image_ids.to(torch.int64).unsqueeze(1)  # [B, 1]
-        if feature_maps.dim() == 2:
-            return _rank_key(feature_maps, ids).t(), None
-        maps = feature_maps.flatten(2)  # [B, C, h*w]
-        key = _rank_key(maps.amax(dim=2), ids).t()  # [C, B]
-        key, pick = key.topk(min(self.k, key.shape[1]), dim=1)  # [C, k'], best first
+    def _write_positions(self, maps: Tensor, key: Tensor, rows: slice) -> None:
+        """Argmax positions of the maps [B, C, h*w] whose keys [B, C] can still make the table."""
         # max(dim) returns the FIRST maximal position: the row-major tie rule.
-        return key, self._picked_maps(maps, pick).max(dim=2).indices
-
-    def _picked_maps(self, maps: Tensor, pick: Tensor) -> Tensor:
-        """maps [B, C, n], pick [C, k'] batch positions -> maps[pick[c, j], c, :] as [C, k', n]."""
-        batch, channels, n = maps.shape
-        if maps.is_contiguous():
-            # Row b*C + c of the [B*C, n] view: index_select copies whole rows, several times
-            # faster than the general advanced indexing below.
-            rows = (pick * channels + self._channel_rows).reshape(-1)
-            return maps.reshape(batch * channels, n).index_select(0, rows).view(channels, -1, n)
-        return maps[pick, self._channel_rows]
+        if maps.device.type == "cpu" and self._merged >= self.k:  # the table is full
+            image, channel = (key > self._keys[self.k - 1]).nonzero(as_tuple=True)
+            if 2 * image.numel() < key.numel():
+                self._flat[rows.start + image, channel] = maps[image, channel].max(dim=1).indices
+                return
+        self._flat[rows] = maps.max(dim=2).indices
 
     def _merge(self) -> None:
-        """Fold the buffered candidates into the table: best k of the [C, k + filled] keys."""
+        """Fold the buffered candidates into the table: best k of the [k + filled, C] keys."""
         if not self._filled:
             return
-        key = torch.cat([self.key, self._buffer[0][:, : self._filled]], dim=1)
-        flat = torch.cat([self.flat, self._buffer[1][:, : self._filled]], dim=1)
-        self.key, keep = key.topk(self.k, dim=1)  # sorted, best first
-        self.flat = flat.gather(1, keep)
+        top, keep = self._keys[: self.k + self._filled].topk(self.k, dim=0)  # sorted, best first
+        flat = self._flat.gather(0, keep)
+        self._keys[: self.k] = top
+        self._flat[: self.k] = flat
+        self._merged += self._filled
         self._filled = 0
 
 
 @contextlib.contextmanager
-def _one_cpu_thread(device: torch.device) -> Iterator[None]:
-    """Run the mining ops on CPU tensors with one intra-op thread, restoring the count after.
+def _cpu_threads(device: torch.device, threads: int | None) -> Iterator[None]:
+    """Run the enclosed ops with `threads` intra-op threads if on the CPU (None: unchanged).
 
-    Each op is small (one pass over a map, or [C, B]-sized bookkeeping) and gains little from
-    more threads, while every parallel region can wait a scheduler time slice for its threads
-    on a busy machine. Measured on 2 shared cores: 1.45-1.50x a plain pass with the default
-    threads, 1.02-1.05x with this; the model's own ops keep every thread. (The thread count
-    is process-wide: don't run other torch work in parallel Python threads while mining.)
+    The thread count is process-wide: don't run other torch work in parallel Python threads
+    while mining with a count set.
     """
-    if device.type != "cpu":
+    previous = torch.get_num_threads()
+    if threads is None or device.type != "cpu" or threads == previous:
         yield
         return
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+    torch.set_num_threads(threads)
     try:
         yield
     finally:
-        torch.set_num_threads(threads)
+        torch.set_num_threads(previous)
+
+
+def auto_mining_threads() -> int | None:
+    """Threads for the mining ops: 1 on an oversubscribed machine, else None (torch's setting).
+
+    The mining ops are small (one pass over a map, or [C, B]-sized bookkeeping). On a quiet
+    machine a second thread still speeds them up; on one where more threads want to run than
+    there are cores (1-minute load average above 1.5x the core count: our own pass accounts
+    for about 1x), every parallel region can wait a scheduler time slice for a descheduled
+    thread, and one thread is far cheaper. Measured on 2 cores: quiet, mining cost 1.04-1.17x
+    a plain pass with torch's threads vs 1.15-1.25x with one; busy (load 4-6), 1.3-1.5x vs
+    1.02-1.10x. The model's own ops always keep every thread.
+    """
+    try:
+        load = os.getloadavg()[0]
+    except OSError:  # not available on this platform
+        return None
+    return 1 if load > 1.5 * (os.cpu_count() or 1) else None
 
 
 # Low 32 bits of a key hold _INDEX_BASE - image index: a lower index gives a larger key.
@@ -275,8 +292,12 @@ class LayerMiner:
         layers: Sequence[str] | Mapping[str, nn.Module],
         k: int = 9,
         model_name: str | None = None,
+        mining_threads: int | None | str = "auto",
     ):
+        """mining_threads: intra-op threads for the mining ops on the CPU: "auto"
+        (`auto_mining_threads`, decided here once), None (torch's setting) or a count."""
         self.model, self.k = model, k
+        self.threads = auto_mining_threads() if mining_threads == "auto" else mining_threads
         self.modules = _resolve_modules(model, layers, model_name)
         self.accumulators: dict[str, TopKImages] = {}
         self.images = 0
@@ -319,7 +340,7 @@ class LayerMiner:
                 # Feeding the same images twice would break distinctness (module doc).
                 raise RuntimeError(f"layer {name!r}: its module ran twice in one forward pass; hook one that runs once")
             if name not in self.accumulators:
-                self.accumulators[name] = TopKImages(output.shape[1], self.k)
+                self.accumulators[name] = TopKImages(output.shape[1], self.k, threads=self.threads)
             self.accumulators[name].add(output, self._ids)
             self._fired.add(name)
 
@@ -334,22 +355,25 @@ def mine_top9(
     device: str | torch.device = "cpu",
     log: Callable[[str], None] = print,
     model_name: str | None = None,
+    mining_threads: int | None | str = "auto",
 ) -> dict[str, TopKResult]:
     """One pass over `batches` mining the top-k images of every channel of every layer.
 
     batches: (images [B, 3, H, W], image_index [B] int64 global indices), each index once.
     layers: analysis layer names (see `_resolve_modules`; pass model_name if ambiguous) or a
     {name: module} mapping. The model should already be on `device`; it runs in eval mode
-    under inference_mode (its train/eval mode is restored afterwards).
+    under inference_mode (its train/eval mode is restored afterwards). mining_threads: see
+    LayerMiner.
     Returns {layer: (values, image_index, y, x)}, each [C, k] (see TopKImages.result), in the
     order of `layers`.
     """
     device = torch.device(device)
     started = time.perf_counter()
-    with LayerMiner(model, layers, k, model_name) as miner:
+    with LayerMiner(model, layers, k, model_name, mining_threads) as miner:
         for images, ids in batches:
             miner.feed(images.to(device, non_blocking=True), ids.to(device, non_blocking=True))
     result = miner.result()
     seconds = time.perf_counter() - started
-    log(f"mined top-{k} of {len(miner.modules)} layer(s) over {miner.images} images in {seconds:.1f}s")
+    threads = "" if miner.threads is None else f", mining on {miner.threads} thread(s)"
+    log(f"mined top-{k} of {len(miner.modules)} layer(s) over {miner.images} images in {seconds:.1f}s{threads}")
     return result

@@ -117,16 +117,28 @@ def test_fewer_images_than_k_are_padded():
     assert sorted(index[0, :3].tolist()) == [2, 5, 7]
 
 
+@pytest.mark.parametrize("threads", [None, 1])
+def test_long_runs_match_brute_force(threads):
+    """Enough batches that the table's threshold leaves few candidates per batch, so only
+    their positions are computed (the sparse path), with ties at the threshold."""
+    gen = torch.Generator().manual_seed(4)
+    maps = torch.randint(0, 40, (240, 4, 5, 5), generator=gen).float()
+    ids = torch.randperm(240, generator=gen)
+    acc = TopKImages(4, k=3, buffer_size=24, threads=threads)
+    feed(acc, maps, ids, [8] * 30)
+    assert_equal_to_brute_force(acc.result(), maps, ids, 3)
+
+
 def test_state_does_not_grow_with_the_data():
     acc = TopKImages(16, k=4, buffer_size=32)
     acc.add(torch.randn(8, 16, 6, 6), torch.arange(8))
     size = acc.state_numel()
-    for step in range(1, 60):  # 4 winners per batch: the buffer fills and is merged 7 times
+    for step in range(1, 60):  # 480 images through a 32-image buffer: merged over and over
         acc.add(torch.randn(8, 16, 6, 6), torch.arange(8) + 8 * step)
-    assert acc.state_numel() == size == 2 * 16 * 4 + 2 * 16 * 32
-    acc.result()
+    assert acc.state_numel() == size == 2 * 16 * (4 + 32)
+    values, index, y, x = acc.result()
     assert acc.state_numel() == size
-    assert [tuple(t.shape) for t in (acc.key, acc.flat)] == [(16, 4)] * 2
+    assert [tuple(t.shape) for t in (values, index, y, x)] == [(16, 4)] * 4
 
 
 def test_rejects_inconsistent_input():
@@ -244,3 +256,13 @@ def test_rank_key_orders_by_value_then_lower_index_and_round_trips():
     assert by_key == expected
     unpacked_values, unpacked_index = _unpack_key(key)
     assert unpacked_values.tolist() == values.tolist() and unpacked_index.tolist() == index.tolist()
+
+
+def test_auto_mining_threads_follows_the_load(monkeypatch):
+    from convviz import topk
+
+    cores = topk.os.cpu_count() or 1
+    monkeypatch.setattr(topk.os, "getloadavg", lambda: (2.0 * cores, 0.0, 0.0))
+    assert topk.auto_mining_threads() == 1
+    monkeypatch.setattr(topk.os, "getloadavg", lambda: (0.5 * cores, 0.0, 0.0))
+    assert topk.auto_mining_threads() is None
