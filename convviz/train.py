@@ -231,7 +231,7 @@ def _train_one_epoch(model, dataset, optimizer, scaler, dev, seed, epoch, batch_
     for b, (raw, labels) in enumerate(batches_of(dataset, order, batch_size, int(cfg["num_workers"]))):
         step = (epoch - 1) * n_batches + b
         for group in optimizer.param_groups:
-            group["lr"] = lr * min(1.0, (step + 1) / warmup_steps) if step < warmup_steps else lr
+            group["lr"] = lr * (step + 1) / warmup_steps if step < warmup_steps else lr
         if len(labels) < 2 and total > 0:
             continue  # a 1-image tail batch breaks BatchNorm; its images are seen next epoch
         x = dataset.normalise(raw)
