@@ -109,6 +109,15 @@ def train_settings(config: dict, model: str) -> dict:
     return common
 
 
+def study_settings(config: dict, study: str, **extra) -> dict:
+    """A study rule's params: its own config section plus the shared `analysis` settings, the
+    seed and the device (plain types, so Snakemake reruns the study when any of them changes)."""
+    settings = copy.deepcopy(config.get(study, {}))
+    settings.update(analysis=copy.deepcopy(config["analysis"]), seed=config["seed"], device=config["device"])
+    settings.update(extra)
+    return settings
+
+
 def architecture_settings(config: dict, model: str) -> dict:
     return dict(config.get("architecture", {}).get(model, {}))
 

@@ -9,6 +9,7 @@ from convviz.config import (
     architecture_settings,
     dataset_settings,
     target_settings,
+    study_settings,
     train_settings,
     validate_config,
 )
@@ -34,10 +35,15 @@ def lib(*modules):
     return [f"convviz/{m}" for m in modules]
 
 
+# The default target's inputs. Each rules/*.smk appends what its rules produce for `all`
+# (the report rule, last, consumes them too).
+OUTPUTS = [
+    f"{DATA}/manifest.parquet",
+    *expand("results/data/targets/{target}/manifest.parquet", target=TARGETS),
+    *expand("results/models/{model}/final.pt", model=MODELS),
+    *expand("results/models/{model}/history.parquet", model=MODELS),
+]
+
+
 def all_outputs():
-    return [
-        f"{DATA}/manifest.parquet",
-        *expand("results/data/targets/{target}/manifest.parquet", target=TARGETS),
-        *expand("results/models/{model}/final.pt", model=MODELS),
-        *expand("results/models/{model}/history.parquet", model=MODELS),
-    ]
+    return OUTPUTS
