@@ -42,3 +42,15 @@ def snakemake(workdir: Path, *args: str, check: bool = True) -> subprocess.Compl
     if check and proc.returncode != 0:
         raise AssertionError(f"snakemake {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
     return proc
+
+
+@pytest.fixture(scope="session")
+def smoke_run(tmp_path_factory) -> Path:
+    """The whole DAG on configs/smoke.yaml, run once per test session in a copy of the workflow.
+
+    Every study's tests read their outputs from here (tests/test_<study>.py), so the DAG runs
+    once however many files check it. Tests must not modify files under it.
+    """
+    workdir = copy_workflow(tmp_path_factory.mktemp("workflow"))
+    snakemake(workdir, "--cores", "2", "--configfile", "configs/smoke.yaml")
+    return workdir

@@ -11,13 +11,6 @@ pytestmark = pytest.mark.workflow
 MODELS = ["lenet", "alexnet", "zfnet", "resnet50"]
 
 
-@pytest.fixture(scope="module")
-def smoke_run(tmp_path_factory):
-    workdir = copy_workflow(tmp_path_factory.mktemp("workflow"))
-    snakemake(workdir, "--cores", "2", "--configfile", "configs/smoke.yaml")
-    return workdir
-
-
 def planned_jobs(workdir, *configfiles) -> list[tuple[str, str]]:
     """(rule, model-or-"") for every job `snakemake -n` would run."""
     out = snakemake(workdir, "-n", "--configfile", *configfiles).stdout
