@@ -14,6 +14,9 @@ report: "report/workflow.rst"
 include: "rules/common.smk"
 include: "rules/data.smk"
 include: "rules/train.smk"
+include: "rules/top9.smk"
+include: "rules/invariance.smk"
+include: "rules/correspondence.smk"
 
 
 rule all:

@@ -11,6 +11,8 @@ from pathlib import Path
 import jsonschema
 import yaml
 
+from convviz.layer_names import unknown_layer_problems
+
 SCHEMA_PATH = Path(__file__).resolve().parent.parent / "schemas" / "config.schema.yaml"
 REAL_DATASETS = ("imagefolder", "imagenet", "imagenette", "caltech101", "caltech256", "voc2012")
 
@@ -87,10 +89,37 @@ def _cross_checks(config: dict) -> list[str]:
     lo, hi = data["synthetic"]["scale_range"]
     if not lo < hi:
         problems.append(f"config key 'data.synthetic.scale_range': [{lo}, {hi}] must be increasing")
+    top9 = config.get("top9", {})
+    if isinstance(top9.get("figure_maps"), int) and isinstance(top9.get("project_maps"), int):
+        if top9["figure_maps"] > top9["project_maps"]:
+            problems.append(
+                f"config key 'top9.figure_maps': {top9['figure_maps']} exceeds top9.project_maps "
+                f"({top9['project_maps']}); the figure shows projected maps only: lower it or raise project_maps"
+            )
+    if "top9" in config:
+        for model in config["models"]:
+            problems.extend(unknown_layer_problems("top9.layers", model, top9.get("layers", "all")))
+    problems.extend(_sweep_and_mask_checks(config))
     for model in config["models"]:
         settings = train_settings(config, model)
         if settings["batch_size"] < 2 and settings["epochs"] > 0:
             problems.append(f"config key 'train.per_model.{model}.batch_size': BatchNorm models need batch_size >= 2")
+    return problems
+
+
+def _sweep_and_mask_checks(config: dict) -> list[str]:
+    """Invariance sweeps must go somewhere; correspondence parts must not take the control's names."""
+    problems = []
+    for transform in ("translation", "scale", "rotation"):
+        lo, hi = config.get("invariance", {}).get(transform, {}).get("range", (0, 1))
+        if not lo < hi:
+            problems.append(f"config key 'invariance.{transform}.range': [{lo}, {hi}] must be increasing")
+    reserved = sorted({"random", "object"} & set(config.get("correspondence", {}).get("parts", [])))
+    if reserved:
+        problems.append(
+            f"config key 'correspondence.parts': {reserved} cannot be masked as parts ('random' names the "
+            "control masks, 'object' is the whole object); use part names such as left_eye, right_eye, nose"
+        )
     return problems
 
 

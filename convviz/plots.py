@@ -7,6 +7,7 @@ import matplotlib
 matplotlib.use("Agg")  # rules run headless
 
 import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from convviz.io import save_figure  # noqa: E402
@@ -26,4 +27,55 @@ def plot_training_curves(history: pd.DataFrame, model_name: str, path) -> None:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.suptitle(f"{model_name}: training curves")
+    save_figure(fig, path)
+
+
+def plot_top9_layer(model_name: str, layer: str, shown, field_size: int, path, cols: int = 4) -> None:
+    """Fig. 2 style: for each shown feature map, its 9 projections (3x3, contrast-normalised)
+    beside the 9 receptive-field patches of the input images, labelled by layer and channel.
+
+    shown: LayerProjections restricted to the maps to draw.
+    """
+    from convviz.display import mosaic
+
+    n = len(shown.channels)
+    cols = max(1, min(cols, n))
+    rows = -(-n // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 1.75 * rows + 0.6), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for i, channel in enumerate(shown.channels):
+        ax = axes.flat[i]
+        proj = mosaic(shown.projections[i], 3, 3)
+        patch = mosaic(shown.patches[i], 3, 3)
+        gap = np.full((proj.shape[0], max(2, proj.shape[1] // 12), 3), 255, dtype=np.uint8)
+        ax.imshow(np.concatenate([proj, gap, patch], axis=1), interpolation="nearest")
+        ax.set_title(f"{layer} #{int(channel)}", fontsize=8)
+    fig.suptitle(
+        f"{model_name} {layer}: top-9 deconvnet projections (left) and image patches (right), "
+        f"receptive field {field_size} px",
+        fontsize=9,
+    )
+    fig.tight_layout()
+    save_figure(fig, path)
+
+
+def plot_per_image(model_name: str, image_id: str, image, per_layer: dict, table: pd.DataFrame, path) -> None:
+    """The per-image view: the input, and per layer (rows) its 9 strongest feature maps each
+    projected alone (columns), labelled with channel and activation."""
+    layers = list(per_layer)
+    fig, axes = plt.subplots(len(layers), 10, figsize=(13, 1.45 * len(layers) + 0.5), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    axes[0, 0].imshow(image.transpose(1, 2, 0))
+    axes[0, 0].set_title("input", fontsize=8)
+    for r, layer in enumerate(layers):
+        axes[r, 0].text(-0.1, 0.5, layer, transform=axes[r, 0].transAxes, ha="right", va="center", fontsize=9)
+        rows = table[table["layer"] == layer].sort_values("rank")
+        for c, row in enumerate(rows.itertuples()):
+            ax = axes[r, c + 1]
+            ax.imshow(per_layer[layer][c].transpose(1, 2, 0), interpolation="nearest")
+            ax.set_title(f"#{row.channel} ({row.activation:.2g})", fontsize=6)
+    fig.suptitle(f"{model_name}, image {image_id}: the 9 strongest feature maps of each layer, each projected alone", fontsize=9)
+    fig.tight_layout()
     save_figure(fig, path)

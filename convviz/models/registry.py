@@ -30,6 +30,7 @@ from typing import Callable
 import torchvision.models as tvm
 from torch import nn
 
+from convviz.layer_names import ANALYSIS_LAYERS
 from convviz.models.checkpoint import load_weights
 from convviz.models.lenet import check_input_size, lenet
 from convviz.models.zfnet import zfnet
@@ -169,7 +170,7 @@ MODELS: dict[str, ModelSpec] = {
         ModelSpec(
             name="lenet",
             builder=lenet,
-            layers={"conv1": "features.1", "conv2": "features.4", "fc3": "classifier.2", "fc4": "classifier.5"},
+            layers=ANALYSIS_LAYERS["lenet"],
             first_conv="conv1",
             top_conv="conv2",
             penultimate="fc4",
@@ -178,15 +179,7 @@ MODELS: dict[str, ModelSpec] = {
         ModelSpec(
             name="alexnet",
             builder=alexnet,
-            layers={
-                "conv1": "features.1",
-                "conv2": "features.4",
-                "conv3": "features.7",
-                "conv4": "features.9",
-                "conv5": "features.11",
-                "fc6": "classifier.2",
-                "fc7": "classifier.5",
-            },
+            layers=ANALYSIS_LAYERS["alexnet"],
             first_conv="conv1",
             top_conv="conv5",
             penultimate="fc7",
@@ -195,15 +188,7 @@ MODELS: dict[str, ModelSpec] = {
         ModelSpec(
             name="zfnet",
             builder=zfnet,
-            layers={
-                "conv1": "features.1",
-                "conv2": "features.5",
-                "conv3": "features.9",
-                "conv4": "features.11",
-                "conv5": "features.13",
-                "fc6": "classifier.2",
-                "fc7": "classifier.5",
-            },
+            layers=ANALYSIS_LAYERS["zfnet"],
             first_conv="conv1",
             top_conv="conv5",
             penultimate="fc7",
@@ -212,14 +197,7 @@ MODELS: dict[str, ModelSpec] = {
         ModelSpec(
             name="resnet50",
             builder=resnet50,
-            layers={
-                "conv1": "relu",
-                "layer1": "layer1",
-                "layer2": "layer2",
-                "layer3": "layer3",
-                "layer4": "layer4",
-                "pool": "avgpool",
-            },
+            layers=ANALYSIS_LAYERS["resnet50"],
             first_conv="conv1",
             top_conv="layer4",
             penultimate="pool",

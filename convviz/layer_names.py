@@ -1,0 +1,52 @@
+"""Analysis layers of every registry model: name -> module path whose output is that feature map.
+
+Kept free of torch so the Snakefile process can check layer names in a config before any job
+runs; `convviz.models.registry` builds its ModelSpecs from this table (the one source of truth).
+"""
+
+from __future__ import annotations
+
+ANALYSIS_LAYERS: dict[str, dict[str, str]] = {
+    "lenet": {"conv1": "features.1", "conv2": "features.4", "fc3": "classifier.2", "fc4": "classifier.5"},
+    "alexnet": {
+        "conv1": "features.1",
+        "conv2": "features.4",
+        "conv3": "features.7",
+        "conv4": "features.9",
+        "conv5": "features.11",
+        "fc6": "classifier.2",
+        "fc7": "classifier.5",
+    },
+    "zfnet": {
+        "conv1": "features.1",
+        "conv2": "features.5",
+        "conv3": "features.9",
+        "conv4": "features.11",
+        "conv5": "features.13",
+        "fc6": "classifier.2",
+        "fc7": "classifier.5",
+    },
+    "resnet50": {
+        "conv1": "relu",
+        "layer1": "layer1",
+        "layer2": "layer2",
+        "layer3": "layer3",
+        "layer4": "layer4",
+        "pool": "avgpool",
+    },
+}
+
+
+def unknown_layer_problems(key: str, model: str, layers) -> list[str]:
+    """Config problems for layer names `model` does not have ("all"/None: none).
+
+    key: the dotted config key, named in the message with the valid layers.
+    """
+    if layers in ("all", None) or model not in ANALYSIS_LAYERS:
+        return []
+    requested = [layers] if isinstance(layers, str) else list(layers)
+    known = list(ANALYSIS_LAYERS[model])
+    unknown = [layer for layer in requested if layer not in known]
+    if not unknown:
+        return []
+    return [f"config key '{key}': unknown layer(s) {unknown} for {model}; valid layers are {known}"]
