@@ -24,6 +24,7 @@ from convviz.models.checkpoint import CheckpointError, load_checkpoint, save_che
 from convviz.models.registry import build_model
 
 RESUME_FORMAT = "convviz-resume-v1"
+HISTORY_COLUMNS = ["epoch", "split", "loss", "top1", "top5", "lr", "seconds", "resumed_from_epoch"]
 
 
 @dataclass
@@ -127,7 +128,9 @@ def train_model(
 
     train_cfg: convviz.config.train_settings() (epochs, lr, schedule, batch_size, ...).
     Returns the history table: one row per (epoch, split) with loss, top1, top5 (fractions),
-    lr, seconds. ``stop_after_epoch`` ends the run early (simulates a preempted job in tests).
+    lr, seconds, and resumed_from_epoch: 0 where the process that trained the epoch started from
+    scratch, k where it resumed after epoch k (a killed or preempted job that was rerun).
+    ``stop_after_epoch`` ends the run early (simulates a preempted job in tests).
     """
     t_start = time.time()
     dev = resolve_device(device)
@@ -151,14 +154,18 @@ def train_model(
     renormalize = getattr(model, "renormalize_filters", None)
     history: list[dict] = []
     start_epoch = 1
+    resumed_from = 0
 
     state = _load_resume(outputs.resume, run_id, log)
     if state is not None:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scaler.load_state_dict(state["scaler"]) if state.get("scaler") else None
-        history = [dict(zip(state["history_columns"], row)) for row in state["history_rows"]]
-        start_epoch = int(state["epoch"]) + 1
+        # Earlier rows keep their own resumed_from_epoch (0 in states written before the column).
+        history = [{"resumed_from_epoch": 0, **dict(zip(state["history_columns"], row))}
+                   for row in state["history_rows"]]
+        resumed_from = int(state["epoch"])
+        start_epoch = resumed_from + 1
         log(f"resuming {model_name} from epoch {state['epoch']} of {epochs} ({outputs.resume})")
     else:
         log(f"training {model_name} from scratch: {epochs} epochs, {len(train_ds)} train / {len(val_ds)} val images, "
@@ -177,8 +184,10 @@ def train_model(
         )
         seconds = time.time() - t0
         val_stats = evaluate(model, val_ds, dev, batch_size, amp, int(train_cfg["num_workers"]))
-        history.append({"epoch": epoch, "split": "train", **train_stats, "lr": lr, "seconds": seconds})
-        history.append({"epoch": epoch, "split": "val", **val_stats, "lr": lr, "seconds": time.time() - t0 - seconds})
+        history.append({"epoch": epoch, "split": "train", **train_stats, "lr": lr, "seconds": seconds,
+                        "resumed_from_epoch": resumed_from})
+        history.append({"epoch": epoch, "split": "val", **val_stats, "lr": lr, "seconds": time.time() - t0 - seconds,
+                        "resumed_from_epoch": resumed_from})
         log(f"epoch {epoch}/{epochs}: train loss {train_stats['loss']:.3f} top1 {train_stats['top1']:.3f} | "
             f"val loss {val_stats['loss']:.3f} top1 {val_stats['top1']:.3f} top5 {val_stats['top5']:.3f} | "
             f"lr {lr:.4g} | {seconds:.1f}s ({len(train_ds) / seconds:.0f} img/s)")
@@ -189,7 +198,7 @@ def train_model(
             log(f"stopping after epoch {epoch} as asked")
             return pd.DataFrame(history)
 
-    table = pd.DataFrame(history, columns=["epoch", "split", "loss", "top1", "top5", "lr", "seconds"])
+    table = pd.DataFrame(history, columns=HISTORY_COLUMNS)
     save_checkpoint(
         outputs.final, model_name, model.to("cpu"), epoch=epochs, num_classes=train_ds.num_classes,
         input_size=train_ds.image_size, arch_cfg=arch_cfg,

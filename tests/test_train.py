@@ -41,7 +41,8 @@ def assert_same_weights(a: Path, b: Path):
 
 def test_training_writes_history_checkpoints_and_curves(tmp_path, tiny_dataset):
     history = run(tmp_path, tiny_dataset)
-    assert list(history.columns) == ["epoch", "split", "loss", "top1", "top5", "lr", "seconds"]
+    assert list(history.columns) == ["epoch", "split", "loss", "top1", "top5", "lr", "seconds", "resumed_from_epoch"]
+    assert set(history["resumed_from_epoch"]) == {0}
     assert len(history) == 6 and set(history["split"]) == {"train", "val"}
     assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["epoch_001.pt", "epoch_003.pt"]
     ckpt = load_checkpoint(tmp_path / "final.pt")
@@ -57,6 +58,7 @@ def test_resumed_run_ends_with_the_same_weights_as_an_uninterrupted_one(tmp_path
     history = run(tmp_path / "resumed", tiny_dataset)
     assert_same_weights(tmp_path / "straight" / "final.pt", tmp_path / "resumed" / "final.pt")
     assert list(history["epoch"]) == [1, 1, 2, 2, 3, 3]
+    assert list(history["resumed_from_epoch"]) == [0, 0, 1, 1, 1, 1]  # the history records the resume
 
 
 def test_resume_state_of_another_configuration_is_ignored(tmp_path, tiny_dataset):

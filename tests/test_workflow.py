@@ -32,7 +32,7 @@ def test_smoke_run_writes_every_output(smoke_run):
     assert not set(target["class_name"]) & set(manifest["class_name"])
     for model in MODELS:
         history = pd.read_parquet(smoke_run / f"results/models/{model}/history.parquet")
-        assert list(history.columns) == ["epoch", "split", "loss", "top1", "top5", "lr", "seconds"]
+        assert list(history.columns) == ["epoch", "split", "loss", "top1", "top5", "lr", "seconds", "resumed_from_epoch"]
         assert sorted(history["epoch"].unique()) == [1, 2]
         assert (smoke_run / f"results/models/{model}/checkpoints/epoch_001.pt").exists()
         assert (smoke_run / f"results/models/{model}/checkpoints/epoch_002.pt").exists()
