@@ -16,7 +16,7 @@ $(STAMP): requirements.txt requirements-dev.txt pyproject.toml
 
 report: $(STAMP)
 	$(BIN)/snakemake --cores $(CORES) --rerun-incomplete
-	@echo "results in $(CURDIR)/results"
+	@echo "report: $(CURDIR)/results/report/index.html"
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

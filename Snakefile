@@ -17,6 +17,8 @@ include: "rules/train.smk"
 include: "rules/top9.smk"
 include: "rules/invariance.smk"
 include: "rules/correspondence.smk"
+# Keep last: the report reads what every rule above adds to OUTPUTS.
+include: "rules/report.smk"
 
 
 rule all:
