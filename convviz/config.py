@@ -96,9 +96,17 @@ def _cross_checks(config: dict) -> list[str]:
                 f"config key 'top9.figure_maps': {top9['figure_maps']} exceeds top9.project_maps "
                 f"({top9['project_maps']}); the figure shows projected maps only: lower it or raise project_maps"
             )
-    if "top9" in config:
-        for model in config["models"]:
-            problems.extend(unknown_layer_problems("top9.layers", model, top9.get("layers", "all")))
+    for section in ("top9", "evolution"):
+        if section in config:
+            for model in config["models"]:
+                problems.extend(unknown_layer_problems(f"{section}.layers", model, config[section].get("layers", "all")))
+    evolution = config.get("evolution", {})
+    if isinstance(evolution.get("maps_per_layer"), int) and isinstance(top9.get("project_maps"), int):
+        if evolution["maps_per_layer"] > top9["project_maps"]:
+            problems.append(
+                f"config key 'evolution.maps_per_layer': {evolution['maps_per_layer']} exceeds top9.project_maps "
+                f"({top9['project_maps']}); evolution follows maps that top9 projects: lower it or raise project_maps"
+            )
     problems.extend(_sweep_and_mask_checks(config))
     for model in config["models"]:
         settings = train_settings(config, model)

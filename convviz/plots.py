@@ -79,3 +79,36 @@ def plot_per_image(model_name: str, image_id: str, image, per_layer: dict, table
     fig.suptitle(f"{model_name}, image {image_id}: the 9 strongest feature maps of each layer, each projected alone", fontsize=9)
     fig.tight_layout()
     save_figure(fig, path)
+
+
+def plot_evolution(model_name: str, epochs: list[int], per_layer: dict, path, cols: int = 4) -> None:
+    """Fig. 4 style: one block per layer; in each block one row per feature map and one column per
+    epoch, each cell that epoch's strongest activation of the map, projected to pixels.
+
+    per_layer: {layer: (channels [maps], projections uint8 [maps, epochs, 3, R, R])}.
+    """
+    from convviz.display import mosaic
+
+    layers = list(per_layer)
+    cols = max(1, min(cols, len(layers)))
+    rows = -(-len(layers) // cols)
+    maps = max(len(ch) for ch, _ in per_layer.values())
+    fig, axes = plt.subplots(rows, cols, figsize=(0.62 * len(epochs) * cols + 1.2 * cols, 0.62 * maps * rows + 1.0), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, layer in zip(axes.flat, layers):
+        channels, proj = per_layer[layer]
+        n, e, _, side, _ = proj.shape
+        ax.axis("on")
+        ax.imshow(mosaic(proj.reshape(n * e, 3, side, side), n, e, pad=max(1, side // 16)), interpolation="nearest")
+        step = side + max(1, side // 16)
+        ax.set_xticks([step * j + side / 2 for j in range(e)], [str(ep) for ep in epochs], fontsize=7)
+        ax.set_yticks([step * i + side / 2 for i in range(n)], [f"#{int(c)}" for c in channels], fontsize=7)
+        ax.tick_params(length=0)
+        for spine in ax.spines.values():
+            spine.set_visible(False)
+        ax.set_title(layer, fontsize=9)
+        ax.set_xlabel("epoch", fontsize=7)
+    fig.suptitle(f"{model_name}: feature evolution during training (Fig. 4)", fontsize=10)
+    fig.tight_layout()
+    save_figure(fig, path)

@@ -216,12 +216,12 @@ def per_image_view(
     return pd.DataFrame(rows, columns=PER_IMAGE_COLUMNS), shown
 
 
-def analysis_layers(model_name: str, layers) -> list[str]:
+def analysis_layers(model_name: str, layers, key: str = "top9.layers") -> list[str]:
     """Config `layers` ("all" or a list of names) -> validated names; unknown names list the valid ones."""
     try:
         return resolve_layers(model_name, None if layers == "all" else layers)
     except ValueError as err:
-        raise ValueError(f"config key 'top9.layers': {err}") from None
+        raise ValueError(f"config key '{key}': {err}") from None
 
 
 @dataclass
