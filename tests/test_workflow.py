@@ -66,3 +66,10 @@ def test_bad_config_stops_before_any_job(tmp_path):
     assert proc.returncode != 0
     assert "train.per_model.lenet.epochs" in proc.stdout + proc.stderr
     assert not (workdir / "results").exists()
+
+
+def test_editing_one_study_reruns_only_that_study_and_the_report(smoke_run):
+    (smoke_run / "edit.yaml").write_text("top9:\n  figure_maps: 3\n")
+    jobs = planned_jobs(smoke_run, "configs/smoke.yaml", "edit.yaml")
+    assert sorted(j for j in jobs if j[0] == "top9") == [("top9", m) for m in sorted(MODELS)]
+    assert {j[0] for j in jobs} <= {"top9", "report", "all"}
