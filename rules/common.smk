@@ -1,4 +1,6 @@
 # Helpers shared by the rules: config validation, per-step settings, path builders.
+import glob
+import os
 import sys
 
 sys.path.insert(0, workflow.basedir)
@@ -47,3 +49,42 @@ OUTPUTS = [
 
 def all_outputs():
     return OUTPUTS
+
+
+# The report (rules/report.smk) reads every file behind the default target.
+REPORT = "results/report/index.html"
+
+
+def jobs_behind(targets):
+    """Every output and benchmark file of the jobs that produce `targets`.
+
+    The report takes these as its inputs, so it reads only what this configuration's jobs wrote
+    (never a leftover figure from an earlier config), and it reruns whenever one of them changes.
+    """
+    outputs, benchmarks = [], []
+    for target in targets:
+        if target == REPORT:
+            continue
+        producer = next((r for r in workflow.rules if r.name not in ("all", "report") and r.is_producer(target)), None)
+        if producer is None:  # a source file: the report reads it as it is
+            outputs.append(target)
+            continue
+        wildcards = producer.get_wildcards(target)
+        outputs.extend(str(f) for f in producer.expand_output(wildcards)[0])
+        benchmark = producer.expand_benchmark(wildcards)
+        if benchmark is not None:
+            benchmarks.append(str(benchmark))
+    return list(dict.fromkeys(outputs)), list(dict.fromkeys(benchmarks))
+
+
+def report_inputs(wildcards):
+    """Evaluated when the DAG is built, after every rules/*.smk has added to OUTPUTS."""
+    outputs, benchmarks = jobs_behind(OUTPUTS)
+    return {
+        "outputs": outputs,
+        "benchmarks": benchmarks,
+        # The README's measured figures and the benchmarks/*.py results (made outside the
+        # workflow, by `make benchmarks`) for the benchmarks section, where they exist.
+        "readme": [p for p in ["README.md"] if os.path.exists(p)],
+        "benchmark_results": sorted(glob.glob("results/benchmarks/*.json")),
+    }

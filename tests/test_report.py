@@ -20,7 +20,7 @@ from conftest import ROOT, snakemake
 from convviz.config import validate_config
 from convviz.report import ReportInputs, build_report
 from convviz.report.html import markdown, markdown_sections, mean_std
-from convviz.report.sections import SECTIONS, table1, timings
+from convviz.report.sections import SECTIONS, table1, timings, transfer_by_layer, transfer_by_shots
 from convviz.report.units import choose_channels, model_units, tile_grid
 
 SECTION_IDS = [s.id for s in SECTIONS]
@@ -74,6 +74,42 @@ def test_table1_puts_the_papers_numbers_beside_ours():
     assert mean_std([0.2]) == "0.200" and mean_std([]) == "—"
 
 
+def transfer_rows(target: str) -> pd.DataFrame:
+    rows = []
+    for split, (soft, scratch) in enumerate([(0.80, 0.20), (0.90, 0.30), (0.85, 0.25)]):
+        for n, bump in ((15, 0.0), (30, 0.05)):
+            rows += [
+                ("zfnet", target, "softmax", "fc7", n, split, "mean_class_accuracy", soft + bump),
+                ("zfnet", target, "scratch", "all", n, split, "mean_class_accuracy", scratch + bump),
+                ("zfnet", target, "softmax", "fc7", n, split, "train_images", 300.0),
+            ]
+        rows += [("zfnet", target, "svm", layer, 30, split, "mean_class_accuracy", 0.5) for layer in ("conv1", "fc7")]
+        rows += [("zfnet", target, "softmax", "conv1", 30, split, "mean_class_accuracy", 0.4)]
+    return pd.DataFrame(rows, columns=["model", "target", "probe", "layer", "n_per_class", "split", "metric", "value"])
+
+
+def test_transfer_tables_show_ours_over_splits_beside_the_papers():
+    df = transfer_rows("caltech101")
+    shots = transfer_by_shots(df, "caltech101", ["zfnet"], {"zfnet": "fc7"}, best="zfnet")
+    ours, theirs = shots[~shots["model"].str.startswith("paper")], shots[shots["model"].str.startswith("paper")]
+    frozen = ours.set_index("method").loc["frozen features: softmax on fc7"]
+    values = [80.0, 90.0, 85.0]  # the three splits at N=15
+    assert frozen["model"] == "zfnet ★"
+    assert frozen["15 / class"] == f"{statistics.mean(values):.1f} ± {statistics.stdev(values):.1f}"
+    assert frozen["30 / class"].startswith("90.0")
+    assert ours.set_index("method").loc["trained from scratch", "15 / class"].startswith("25.0")
+    assert theirs.set_index("method").loc["ImageNet-pretrained, softmax on layer 7", "30 / class"] == "86.5 ± 0.5"  # Table 4
+    assert theirs.set_index("method").loc["trained from scratch", "15 / class"] == "22.8 ± 1.5"
+    by_layer = transfer_by_layer(df, "caltech101", "zfnet", ["conv1", "conv2", "fc7"]).set_index("")
+    assert list(by_layer.columns) == ["conv1", "fc7"]
+    assert by_layer.loc["ours: svm, 30 / class", "conv1"].startswith("50.0")
+    assert by_layer.loc["ours: softmax, 30 / class", "fc7"].startswith("90.0")  # the penultimate softmax row
+    assert by_layer.loc["paper: svm, 30 / class", "conv1"] == "44.8"  # Table 7
+    # A target the paper did not use gets no paper rows.
+    other = transfer_by_shots(transfer_rows("synthetic_target"), "synthetic_target", ["zfnet"], {"zfnet": "fc7"}, best=None)
+    assert not other["model"].str.startswith("paper").any()
+
+
 def test_tile_grid_places_tiles_in_reading_order():
     tiles = np.stack([np.full((3, 4, 4), 10 * k, np.uint8) for k in range(9)])
     grid = tile_grid(tiles, tile_px=4)
@@ -115,6 +151,19 @@ def test_unit_data_hold_the_npz_projections_exactly(tmp_path):
     assert layer["units"]["6"]["evolution"] == {"epochs": [1, 2, 5], "activation": [1.0, 2.0, 5.0]}
     if "4" in layer["units"]:
         assert [row[1] for row in layer["units"]["4"]["top9"]] == [f"img{r}" for r in range(9)]
+
+
+def test_unit_evolution_strip_holds_the_evolution_projections_by_epoch(tmp_path):
+    rng = np.random.default_rng(1)
+    tiles = rng.integers(0, 256, (2, 9, 3, 6, 6), dtype=np.uint8)
+    np.savez(tmp_path / "top9_arrays.npz", conv2__channels=np.array([3, 7]), conv2__projections=tiles, conv2__patches=tiles)
+    evolution = rng.integers(0, 256, (1, 4, 3, 6, 6), dtype=np.uint8)  # [maps, epochs, 3, R, R]
+    np.savez(tmp_path / "evolution_arrays.npz", epochs=np.array([1, 2, 5, 10]), conv2__channels=np.array([7]), conv2__projections=evolution)
+    data = model_units("zfnet", tmp_path / "top9_arrays.npz", evolution_npz=tmp_path / "evolution_arrays.npz", tile_px=32, colours=0)
+    units = data["layers"][0]["units"]
+    assert "evolution" not in units["3"]
+    assert units["7"]["evolution"]["image_epochs"] == [1, 2, 5, 10]
+    assert (decode_png(units["7"]["evolution"]["image"]) == tile_grid(evolution[0], 32, columns=4)).all()
 
 
 def test_timings_read_snakemake_benchmark_files(tmp_path):

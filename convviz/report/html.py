@@ -94,15 +94,15 @@ def table(df: pd.DataFrame, cls: str = "", raw_columns: tuple[str, ...] = ()) ->
     return f"<table{klass}><thead><tr>{head}</tr></thead><tbody>{''.join(rows)}</tbody></table>"
 
 
-def mean_std(values) -> str:
+def mean_std(values, digits: int = 3) -> str:
     """'mean ± std' of a sample (std with ddof=1; a single value has no spread to show)."""
     values = np.asarray(list(values), dtype=float)
     values = values[~np.isnan(values)]
     if values.size == 0:
         return "—"
     if values.size == 1:
-        return f"{values[0]:.3f}"
-    return f"{values.mean():.3f} ± {values.std(ddof=1):.3f}"
+        return f"{values[0]:.{digits}f}"
+    return f"{values.mean():.{digits}f} ± {values.std(ddof=1):.{digits}f}"
 
 
 # ----------------------------------------------------------------------------------------- markdown

@@ -75,11 +75,6 @@ def _tables_list(ctx: Context, study: str) -> str:
     return '<details class="tables"><summary>Tables of this study</summary>' + table(pd.DataFrame(rows)) + "</details>"
 
 
-def _percent(values: pd.Series) -> pd.Series:
-    """Accuracies stored as fractions are shown in percent, like the paper's tables."""
-    return values * 100 if values.dropna().between(0, 1).all() else values
-
-
 def _history(ctx: Context, model: str) -> pd.DataFrame | None:
     path = ctx.inputs.find("models", "history.parquet", model)
     return pd.read_parquet(path) if path else None
@@ -314,13 +309,15 @@ def render_compare(ctx: Context) -> str | None:
     if not ctx.inputs.has("compare"):
         return None
     parts = ["<p>First-layer filters, early-layer projections and per-layer measures of every model (Fig. 6).</p>"]
-    for path in ctx.inputs.study("compare", suffix=".md"):
-        parts.append(markdown(path.read_text()))
+    # The study's own summary (its verdict, from its numbers) first, then its other tables.
+    for path in sorted(ctx.inputs.study("compare", suffix=".md"), key=lambda p: "summary" not in p.stem):
+        heading = "" if "summary" in path.stem else f"<h3>{esc(_label(path).capitalize())}</h3>"
+        parts.append(heading + markdown(path.read_text()))
     for path in ctx.inputs.study("compare", suffix="compare.parquet"):
         df = pd.read_parquet(path)
         if {"model", "layer", "metric", "value"} <= set(df.columns):
             wide = df.pivot_table(index=["model", "layer"], columns="metric", values="value", aggfunc="first", sort=False)
-            parts.append("<h3>Measures per model and layer</h3>" + table(wide.reset_index(), cls="wide"))
+            parts.append("<details><summary>Every measure per model and layer</summary>" + table(wide.reset_index(), cls="wide") + "</details>")
     parts.append(_figures_by_model(ctx, "compare"))
     parts.append(_tables_list(ctx, "compare"))
     return "".join(parts)
@@ -383,61 +380,118 @@ def render_correspondence(ctx: Context) -> str | None:
 
 # --------------------------------------------------------------------------------------- transfer
 
-
-def _paper_transfer_table(target: str) -> str:
-    if target in paper.TRANSFER_TABLES:
-        name, numbers = paper.TRANSFER_TABLES[target]
-        shots = sorted({s for per in numbers.values() for s in per})
-        rows = [{"paper": f"{name}: {method}", **{str(s): paper.fmt(per.get(s)) for s in shots}} for method, per in numbers.items()]
-        return f"<p>The paper's {name} (accuracy %, ImageNet-pretrained ZFNet):</p>" + table(pd.DataFrame(rows), cls="paper")
-    if target == "voc2012":
-        return f"<p>The paper's Table 6: mean AP {paper.TABLE6_MEAN_AP:.1f}%.</p>"
-    return ""
+ACCURACY = "mean_class_accuracy"
 
 
-def _paper_table7(target: str) -> str:
-    if target not in paper.TABLE7:
-        return ""
-    ref = paper.TABLE7[target]
-    layers = sorted({l for m in ("softmax", "svm") for l in ref[m]})
-    rows = [{"paper": f"Table 7: {m}", **{f"layer {l}": paper.fmt(ref[m].get(l)) for l in layers}} for m in ("softmax", "svm")]
-    return f"<p>The paper's Table 7 at {ref['shots']} images per class:</p>" + table(pd.DataFrame(rows), cls="paper")
+def _acc_cell(values: pd.Series) -> str:
+    """Accuracy in percent, mean ± std over the random splits (as the paper's tables)."""
+    return mean_std(100 * values.astype(float), digits=1)
 
 
-def transfer_tables(df: pd.DataFrame, target: str) -> str:
-    """Ours for one target: every (model, method, layer) by images per class (mean ± std over
-    splits, in percent for accuracies), then the layer-wise probes at the largest N (Table 7)."""
-    mine = df[df["target"] == target]
-    parts = []
-    for metric, group in mine.groupby("metric", sort=False):
-        group = group.assign(value=_percent(group["value"]))
-        rows = []
-        for (model, method, layer), g in group.groupby(["model", "method", "layer"], sort=False):
-            row = {"model": model, "method": method, "layer": layer}
-            for shots, gs in g.groupby("shots"):
-                row[str(shots)] = mean_std(gs["value"])
+def _paper_layer_number(layer: str) -> int | None:
+    """`conv3` -> 3, `fc7` -> 7: our layer names that are the paper's layer numbers."""
+    m = re.fullmatch(r"(?:conv|fc)(\d)", layer)
+    return int(m.group(1)) if m else None
+
+
+def transfer_by_shots(df: pd.DataFrame, target: str, models: list[str], penultimate: dict[str, str], best: str | None) -> pd.DataFrame:
+    """Tables 4/5: per model, the softmax on the frozen penultimate layer and the same network
+    trained from scratch, by training images per class; the paper's rows below where the target
+    is the paper's dataset."""
+    acc = df[(df["target"] == target) & (df["metric"] == ACCURACY)]
+    shots = sorted({int(n) for n in acc["n_per_class"].dropna()})
+    reference = paper.TRANSFER_TABLES.get(target)
+    if reference:
+        shots = sorted(set(shots) | {n for per in reference[1].values() for n in per})
+    rows = []
+    for model in models:
+        mine = acc[acc["model"] == model]
+        for probe, label in (("softmax", f"frozen features: softmax on {penultimate[model]}"), ("scratch", "trained from scratch")):
+            chosen = mine[(mine["probe"] == probe) & ((probe == "scratch") | (mine["layer"] == penultimate[model]))]
+            if chosen.empty:
+                continue
+            row = {"model": model + (" ★" if model == best else ""), "method": label}
+            for n in shots:
+                values = chosen[chosen["n_per_class"] == n]["value"]
+                row[f"{n} / class"] = _acc_cell(values) if len(values) else "—"
             rows.append(row)
-        wide = pd.DataFrame(rows)
-        parts.append(f"<h4>{esc(metric)} by images per class (mean ± std over splits)</h4>" + table(wide, cls="wide"))
-    return "".join(parts)
+    if reference:
+        name, numbers = reference
+        for method, per in numbers.items():
+            label = "ImageNet-pretrained, softmax on layer 7" if method == "pretrained" else "trained from scratch"
+            rows.append({"model": f"paper ({name}, ZFNet)", "method": label, **{f"{n} / class": paper.fmt(per.get(n)) for n in shots}})
+    return pd.DataFrame(rows)
+
+
+def transfer_by_layer(df: pd.DataFrame, target: str, model: str, layers: list[str]) -> pd.DataFrame:
+    """Table 7: softmax and linear SVM on each layer's frozen features at the largest N (mean ±
+    std over splits); the paper's rows where the target is its dataset and the layers are conv1-5/fc6/fc7."""
+    acc = df[(df["target"] == target) & (df["metric"] == ACCURACY) & (df["model"] == model) & df["probe"].isin(["softmax", "svm"])]
+    if acc.empty:
+        return pd.DataFrame()
+    largest = int(acc["n_per_class"].max())
+    acc = acc[acc["n_per_class"] == largest]
+    layers = [l for l in layers if l in set(acc["layer"])]
+    rows = []
+    for probe in ("softmax", "svm"):
+        mine = acc[acc["probe"] == probe]
+        if len(mine):
+            rows.append({"": f"ours: {probe}, {largest} / class", **{l: _acc_cell(mine[mine["layer"] == l]["value"]) if (mine["layer"] == l).any() else "—" for l in layers}})
+    if target in paper.TABLE7 and all(_paper_layer_number(l) for l in layers):
+        ref = paper.TABLE7[target]
+        for probe in ("softmax", "svm"):
+            rows.append({"": f"paper: {probe}, {ref['shots']} / class", **{l: paper.fmt(ref[probe].get(_paper_layer_number(l))) for l in layers}})
+    return pd.DataFrame(rows)
+
+
+def transfer_multilabel(df: pd.DataFrame, target: str, models: list[str]) -> str:
+    """Table 6: mean average precision (and per-class AP) on a multi-label target."""
+    mine = df[(df["target"] == target) & ((df["metric"] == "map") | df["metric"].str.startswith("ap/"))]
+    if mine.empty:
+        return ""
+    rows = [{"model": m, "mean AP (%)": f"{100 * float(mine[(mine['model'] == m) & (mine['metric'] == 'map')]['value'].mean()):.1f}"} for m in models if (mine["model"] == m).any()]
+    if target == "voc2012":
+        rows.append({"model": "paper (Table 6, ZFNet)", "mean AP (%)": f"{paper.TABLE6_MEAN_AP:.1f}"})
+    per_class = mine[mine["metric"].str.startswith("ap/")].assign(
+        cls=lambda d: d["metric"].str.slice(3), value=lambda d: (100 * d["value"].astype(float)).round(1)
+    )
+    wide = per_class.pivot_table(index="cls", columns="model", values="value", aggfunc="mean", sort=False).reset_index()
+    return table(pd.DataFrame(rows), cls="paper") + f"<details><summary>AP per class (%)</summary>{table(wide)}</details>"
 
 
 def render_transfer(ctx: Context) -> str | None:
-    paths = ctx.inputs.study("transfer", suffix="transfer.parquet")
+    from convviz.models.registry import get_spec
+
     if not ctx.inputs.has("transfer"):
         return None
+    paths = ctx.inputs.study("transfer", suffix="transfer.parquet")
     parts = [
         "<p>Frozen features of each trained model with a new classifier trained on N images per "
         "class of a target dataset, against the same architecture trained from scratch on the same "
-        "images (Sec. 5.2, Tables 4-7).</p>"
+        "images; mean per-class accuracy (%), mean ± std over random splits (Sec. 5.2, Tables 4-7). "
+        "★ marks the model with the best validation top-1 on the source dataset; it is listed first.</p>"
     ]
     if paths:
         df = pd.concat([pd.read_parquet(p) for p in paths], ignore_index=True)
+        best = best_model(ctx)
+        models = [m for m in ctx.inputs.models if m in set(df["model"])]
+        models = sorted(models, key=lambda m: m != best)
+        penultimate = {m: get_spec(m).penultimate for m in models}
         for target in dict.fromkeys(df["target"]):
             parts.append(f"<h3>{esc(target)}</h3>")
-            parts.append(transfer_tables(df, target))
-            reference = _paper_transfer_table(target) + _paper_table7(target)
-            parts.append(reference or "<p class='note'>The paper has no numbers for this target.</p>")
+            multilabel = transfer_multilabel(df, target, models)
+            if multilabel:
+                parts.append(multilabel)
+                continue
+            name = paper.TRANSFER_TABLES.get(target, ("", None))[0]
+            parts.append(f"<h4>By training images per class{f' ({name})' if name else ''}</h4>")
+            parts.append(table(transfer_by_shots(df, target, models, penultimate, best), cls="wide"))
+            if target not in paper.TRANSFER_TABLES:
+                parts.append("<p class='note'>The paper reports Caltech-101, Caltech-256 and PASCAL VOC 2012; this target has no paper numbers.</p>")
+            for model in models:
+                by_layer = transfer_by_layer(df, target, model, list(get_spec(model).layers))
+                if not by_layer.empty:
+                    parts.append(f"<h4>{esc(model)}: each layer's features (Table 7)</h4>" + table(by_layer, cls="wide"))
     parts.append(_figures_by_model(ctx, "transfer"))
     parts.append(_tables_list(ctx, "transfer"))
     return "".join(parts)

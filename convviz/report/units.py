@@ -67,13 +67,15 @@ def choose_channels(channels: list[int], first: list[int], k: int | str, seed: i
 
 def _evolution_arrays(path: Path | None) -> dict:
     """{layer: (channels [N], epochs [E], projections [N, E, 3, R, R])} from the evolution study's
-    npz, or {} when it is absent or in a layout this reader does not know."""
+    npz (keys `epochs`, `{layer}__channels`, `{layer}__projections`), or {} when it is absent or
+    in a layout this reader does not know."""
     if path is None or not Path(path).exists():
         return {}
     found = {}
     with np.load(path) as arrays:
         for layer in layers_in(arrays):
-            keys = (f"{layer}__channels", f"{layer}__epochs", f"{layer}__projections")
+            epochs_key = f"{layer}__epochs" if f"{layer}__epochs" in arrays.files else "epochs"
+            keys = (f"{layer}__channels", epochs_key, f"{layer}__projections")
             if all(k in arrays.files for k in keys):
                 channels, epochs, projections = (arrays[k] for k in keys)
                 if projections.ndim == 5 and projections.shape[:2] == (len(channels), len(epochs)):

@@ -60,10 +60,10 @@
       var tip = document.createElementNS(ns, "title"); tip.textContent = "epoch " + e + ": " + values[i];
       dot.appendChild(tip); svg.appendChild(dot);
     });
-    [[e0, pad, h - 4], [e1, w - pad, h - 4]].forEach(function (t) {
+    [["epoch " + e0, pad, h - 4, "middle"], ["epoch " + e1, w - pad, h - 4, "middle"]].forEach(function (t) {
       var label = document.createElementNS(ns, "text");
       label.setAttribute("x", t[1]); label.setAttribute("y", t[2]); label.setAttribute("font-size", "10");
-      label.setAttribute("text-anchor", "middle"); label.textContent = "epoch " + t[0];
+      label.setAttribute("text-anchor", t[3]); label.textContent = t[0];
       svg.appendChild(label);
     });
     return svg;
@@ -89,7 +89,10 @@
       var evo = [], e = unit.evolution;
       if (e.image) evo.push(image(e.image, "projections over epochs " + e.image_epochs.join(", ")),
                             el("div", { "class": "note" }, ["epochs " + e.image_epochs.join(", ")]));
-      if (e.activation) evo.push(sparkline(e.epochs, e.activation));
+      if (e.activation) {
+        var values = e.activation.map(function (v, i) { return "epoch " + e.epochs[i] + ": " + v; }).join(", ");
+        evo.push(sparkline(e.epochs, e.activation), el("div", { "class": "note" }, ["strongest activation, " + values]));
+      }
       view.appendChild(panel("evolution over training", evo));
     } else {
       view.appendChild(panel("evolution over training", [el("p", { "class": "note" }, ["not followed by the evolution study"])]));
