@@ -16,6 +16,7 @@ include: "rules/data.smk"
 include: "rules/train.smk"
 include: "rules/top9.smk"
 include: "rules/invariance.smk"
+include: "rules/occlusion.smk"
 include: "rules/correspondence.smk"
 # Keep last: the report reads what every rule above adds to OUTPUTS.
 include: "rules/report.smk"

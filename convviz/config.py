@@ -108,6 +108,13 @@ def _cross_checks(config: dict) -> list[str]:
                 f"({top9['project_maps']}); evolution follows maps that top9 projects: lower it or raise project_maps"
             )
     problems.extend(_sweep_and_mask_checks(config))
+    # The occluder slides inside the image (Fig. 7): it cannot be larger than it.
+    occlusion = config.get("occlusion", {})
+    if occlusion.get("size", 0) > data["image_size"]:
+        problems.append(
+            f"config key 'occlusion.size': {occlusion['size']} px is larger than the images "
+            f"(data.image_size {data['image_size']}); allowed: 1..{data['image_size']}"
+        )
     for model in config["models"]:
         settings = train_settings(config, model)
         if settings["batch_size"] < 2 and settings["epochs"] > 0:

@@ -1,0 +1,599 @@
+"""Incremental inference for occlusion sweeps (Nakandala et al., SIGMOD 2019, "Krypton").
+
+An occluded image differs from the unoccluded one only inside the occluder. In every layer, the
+positions whose value can change are those whose receptive field meets that square; everything
+else equals the unoccluded image's activations, which are computed once. So for a batch of
+occluder positions each layer is run only on a small window around each position's changed
+region, read from the cached unoccluded map with the batch's changed values laid over it:
+
+    conv / max-pool / avg-pool (kernel ke = d*(k-1)+1, stride s, padding p): a changed input
+        region [y0, y0+h) changes outputs ceil((y0+p-ke+1)/s) .. floor((y0+h-1+p)/s); the layer
+        runs, without padding, on the input window those outputs read (padding comes from the
+        cached map's border, filled with 0 or -inf as the layer's padding is)
+    per-position ops (ReLU, BatchNorm in eval, contrast normalisation, dropout, ...): the
+        changed values only
+    elementwise sums/products of two maps (the ResNet shortcut): the union of both regions
+
+Every position of one batch gets a region of the same size (the largest any position needs,
+shifted inside the map), so each layer is one batched call. Once a region grows to (almost)
+the whole map, or reaches an op that mixes all positions (flatten, linear, adaptive pooling, or
+anything this module does not know), the maps are materialised whole ([B, C, H, W]) and the
+rest of the network runs as an ordinary batched forward. The result is exact: the same
+arithmetic as the full forward on every value that can differ, up to float rounding.
+
+The network is traced with torch.fx (any module-built CNN: the plain stacks and ResNets);
+`IncrementalInference.supports(model)` says whether tracing works, so callers can fall back to
+a plain batched forward.
+"""
+
+from __future__ import annotations
+
+import copy
+import operator
+import time
+from dataclasses import dataclass
+from typing import Mapping
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.nn.utils.fusion import fuse_conv_bn_eval
+
+__all__ = ["Patched", "IncrementalInference", "materialise", "total_per_channel"]
+
+# Modules that act on each spatial position separately (in eval mode): run on changed values only.
+_POINTWISE_MODULES = (
+    nn.ReLU,
+    nn.ReLU6,
+    nn.LeakyReLU,
+    nn.ELU,
+    nn.GELU,
+    nn.SiLU,
+    nn.Sigmoid,
+    nn.Tanh,
+    nn.Hardtanh,
+    nn.Hardswish,
+    nn.Dropout,
+    nn.Dropout2d,
+    nn.Identity,
+    nn.BatchNorm2d,
+    nn.LocalResponseNorm,  # normalises across channels at one position (Sec. 3 contrast norm)
+)
+_POINTWISE_FUNCTIONS = {F.relu, torch.relu, torch.sigmoid, torch.tanh, F.gelu, F.silu, F.leaky_relu, F.hardtanh}
+_POINTWISE_METHODS = {"relu", "sigmoid", "tanh", "contiguous", "clone"}
+# Elementwise binary ops; the in-place forms are run out of place (cached maps must stay intact).
+_BINARY_FUNCTIONS = {
+    operator.add: operator.add,
+    operator.iadd: operator.add,
+    operator.mul: operator.mul,
+    operator.imul: operator.mul,
+    operator.sub: operator.sub,
+    operator.isub: operator.sub,
+    torch.add: torch.add,
+    torch.mul: torch.mul,
+    torch.sub: torch.sub,
+}
+_BINARY_METHODS = {"add": torch.add, "add_": torch.add, "mul": torch.mul, "mul_": torch.mul, "sub": torch.sub}
+
+
+@dataclass
+class Patched:
+    """A batch of feature maps that equal a cached map except in one window per batch row.
+
+    values: [B, C, h, w] the window's values (every position of one batch has the same h, w);
+    y0, x0: [B] int64, the window's top-left position in the [H, W] map (the window lies inside it).
+    """
+
+    values: Tensor
+    y0: Tensor
+    x0: Tensor
+
+    @property
+    def size(self) -> tuple[int, int]:
+        return int(self.values.shape[-2]), int(self.values.shape[-1])
+
+
+class _Same:
+    """A node no occluder can change (it does not depend on the input): its cached value holds."""
+
+
+SAME = _Same()
+
+
+# ------------------------------------------------------------------------------------- window reads
+
+
+def _channels_last(x: Tensor) -> Tensor:
+    """4-d maps in channels-last layout: window reads become row copies, and CPU pooling is far faster."""
+    return x.contiguous(memory_format=torch.channels_last) if x.ndim == 4 else x
+
+
+def _rows(x: Tensor) -> Tensor:
+    """[B, C, h, w] -> [B*h*w, C] (a view for channels-last maps)."""
+    return x.permute(0, 2, 3, 1).reshape(-1, x.shape[1])
+
+
+def _read(base: Tensor, patch: Patched | None, ty: Tensor, tx: Tensor, th: int, tw: int, fill: float) -> Tensor:
+    """Windows [B, C, th, tw] at (ty, tx) of the map `base` [1, C, H, W] with `patch` laid over it.
+
+    Rows/columns outside the map (a layer's padding) read `fill`. One `index_select` of whole
+    channel vectors from the map and the patch stacked together: a row copy per position.
+    """
+    _, channels, height, width = base.shape
+    pad_t, pad_l = max(0, -int(ty.min())), max(0, -int(tx.min()))
+    pad_b, pad_r = max(0, int(ty.max()) + th - height), max(0, int(tx.max()) + tw - width)
+    grid = base[0].permute(1, 2, 0)  # [H, W, C]
+    if pad_t or pad_l or pad_b or pad_r:
+        grid = F.pad(grid, (0, 0, pad_l, pad_r, pad_t, pad_b), value=fill)
+    padded_w = grid.shape[1]
+    rows = (ty + pad_t)[:, None] + torch.arange(th, device=ty.device)  # [B, th] in the padded map
+    cols = (tx + pad_l)[:, None] + torch.arange(tw, device=tx.device)
+    index = rows[:, :, None] * padded_w + cols[:, None, :]  # [B, th, tw]
+    source = grid.reshape(-1, channels)
+    if patch is not None:
+        ph, pw = patch.size
+        prow = rows - pad_t - patch.y0[:, None]  # row inside the patch, [B, th]
+        pcol = cols - pad_l - patch.x0[:, None]
+        inside = ((prow >= 0) & (prow < ph))[:, :, None] & ((pcol >= 0) & (pcol < pw))[:, None, :]
+        batch = torch.arange(len(ty), device=ty.device)[:, None, None]
+        in_patch = (batch * ph + prow.clamp(0, ph - 1)[:, :, None]) * pw + pcol.clamp(0, pw - 1)[:, None, :]
+        index = torch.where(inside, in_patch + source.shape[0], index)
+        source = torch.cat([source, _rows(patch.values)])
+    return source.index_select(0, index.flatten()).view(len(ty), th, tw, channels).permute(0, 3, 1, 2)
+
+
+def materialise(value, base: Tensor, batch: int) -> Tensor:
+    """The whole maps [B, ...] of a Patched value (or SAME, or a tensor, returned as is)."""
+    if isinstance(value, Tensor):
+        return value
+    if value is SAME:
+        return base.expand(batch, *base.shape[1:])
+    _, channels, height, width = base.shape
+    num = len(value.y0)
+    full = base.permute(0, 2, 3, 1).expand(num, height, width, channels).clone()  # [B, H, W, C]
+    ph, pw = value.size
+    device = value.y0.device
+    rows = value.y0[:, None] + torch.arange(ph, device=device)
+    cols = value.x0[:, None] + torch.arange(pw, device=device)
+    batch = torch.arange(num, device=device)[:, None, None]
+    index = (batch * height + rows[:, :, None]) * width + cols[:, None, :]
+    full.view(-1, channels).index_copy_(0, index.flatten(), _rows(value.values))
+    return full.permute(0, 3, 1, 2)  # channels-last
+
+
+def total_per_channel(value, base: Tensor, channels: Tensor | None = None) -> Tensor:
+    """Sum over positions of each map, [B, C] (or [B, len(channels)]), without materialising.
+
+    For a Patched value: the cached map's total, minus what the window covered there, plus the
+    window's new values.
+    """
+    if channels is not None:
+        base = base[:, channels]
+    if isinstance(value, Tensor):
+        maps = value if channels is None else value[:, channels]
+        return maps.flatten(2).sum(2)
+    if value is SAME:
+        return base.flatten(2).sum(2)
+    values = value.values if channels is None else value.values[:, channels]
+    covered = _read(base, None, value.y0, value.x0, *value.size, fill=0.0)
+    return base.flatten(2).sum(2) - covered.flatten(2).sum(2) + values.flatten(2).sum(2)
+
+
+# ---------------------------------------------------------------------------------------- geometry
+
+
+def _pair(value) -> tuple[int, int]:
+    return tuple(value) if isinstance(value, (tuple, list)) else (value, value)
+
+
+def _affected(start: Tensor, length: int, size_in: int, size_out: int, kernel: int, stride: int, pad: int):
+    """Along one axis: outputs a changed input run [start, start+length) reaches, one size for all.
+
+    Returns (first output [B], output count, first input row read [B], input rows read).
+    """
+    first = torch.div(start + pad - (kernel - 1) + stride - 1, stride, rounding_mode="floor").clamp(min=0)
+    last = torch.div(start + length - 1 + pad, stride, rounding_mode="floor").clamp(max=size_out - 1)
+    count = min(int((last - first).max()) + 1, size_out)
+    first = first.clamp(max=size_out - count)
+    return first, count, first * stride - pad, (count - 1) * stride + kernel
+
+
+# ------------------------------------------------------------------------------------------ engine
+
+
+def _module_node(gm: fx.GraphModule, path: str) -> fx.Node:
+    """The graph node holding the output of module `path` (the last node traced inside it)."""
+    found = None
+    for node in gm.graph.nodes:
+        if node.op == "call_module" and node.target == path:
+            found = node
+            continue
+        stack = node.meta.get("nn_module_stack", {})
+        if any(key == path or key.startswith(path + "@") for key in stack):
+            found = node
+    if found is None:
+        raise ValueError(f"module {path!r} is not called in the traced forward pass")
+    return found
+
+
+def _fold_batchnorm(gm: fx.GraphModule, keep: set[fx.Node]) -> dict[fx.Node, fx.Node]:
+    """Fold each eval-mode BatchNorm2d into the Conv2d feeding it (exact algebra, one op less).
+
+    Nodes in `keep` are not removed; returns {removed bn node: the conv node now holding its value}.
+    """
+    modules = dict(gm.named_modules())
+    moved = {}
+    for node in list(gm.graph.nodes):
+        if node.op != "call_module" or not isinstance(modules[node.target], nn.BatchNorm2d):
+            continue
+        source = node.args[0]
+        if not (isinstance(source, fx.Node) and source.op == "call_module") or source in keep:
+            continue
+        conv = modules[source.target]
+        bn = modules[node.target]
+        if not isinstance(conv, nn.Conv2d) or len(source.users) != 1 or bn.training or not bn.track_running_stats:
+            continue
+        fused = fuse_conv_bn_eval(conv, bn)
+        parent, _, name = source.target.rpartition(".")
+        setattr(gm.get_submodule(parent) if parent else gm, name, fused)
+        modules[source.target] = fused
+        node.replace_all_uses_with(source)
+        gm.graph.erase_node(node)
+        moved[node] = source
+    gm.recompile()
+    return moved
+
+
+# Modules whose speed depends on the memory layout (the elementwise ones do not).
+_LAYOUT_SENSITIVE = (nn.Conv2d, nn.MaxPool2d, nn.AvgPool2d, nn.LocalResponseNorm, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)
+
+
+class _Windowed:
+    """A conv/pool run on windows without padding (a callable, so layouts can be tuned for it)."""
+
+    def __init__(self, module: nn.Module, kernel, stride, dilation) -> None:
+        self.module, self.kernel, self.stride, self.dilation = module, kernel, stride, dilation
+
+    def __call__(self, x: Tensor) -> Tensor:
+        m = self.module
+        if isinstance(m, nn.Conv2d):
+            return F.conv2d(x, m.weight, m.bias, self.stride, 0, self.dilation, m.groups)
+        if isinstance(m, nn.MaxPool2d):
+            return F.max_pool2d(x, self.kernel, self.stride, 0, self.dilation)
+        return F.avg_pool2d(x, self.kernel, self.stride, 0)
+
+
+_FLATTENS = {torch.flatten}
+_IDENTITY_IN_EVAL = (nn.Dropout, nn.Identity)
+
+
+def _fold_upsampling_pool(gm: fx.GraphModule, keep: set[fx.Node]) -> int:
+    """Fold an upsampling AdaptiveAvgPool2d -> flatten -> (dropout) -> Linear into one Linear.
+
+    At small inputs AlexNet's AdaptiveAvgPool2d((6, 6)) repeats each value of a smaller map up to
+    36 times before fc6; fc6 of the repeated map equals a Linear on the small map whose weights
+    are fc6's, summed back through the pool (its adjoint). Exact algebra (up to rounding), far
+    fewer multiply-adds. Returns how many were folded. Pools whose output is not larger than their
+    input are left alone (folding would not save anything).
+    """
+    modules = dict(gm.named_modules())
+    folded = 0
+    for pool_node in list(gm.graph.nodes):
+        if pool_node.op != "call_module" or not isinstance(modules[pool_node.target], nn.AdaptiveAvgPool2d):
+            continue
+        in_shape, out_shape = pool_node.args[0].meta.get("shape"), pool_node.meta.get("shape")
+        if in_shape is None or out_shape is None or in_shape[-2] * in_shape[-1] >= out_shape[-2] * out_shape[-1]:
+            continue
+        chain = [pool_node]
+        while len(chain[-1].users) == 1 and chain[-1] not in keep:
+            user = next(iter(chain[-1].users))
+            chain.append(user)
+            if user.op == "call_module" and isinstance(modules[user.target], nn.Linear):
+                break
+        flatten = chain[1] if len(chain) > 1 else None
+        linear = chain[-1]
+        if (
+            flatten is None
+            or not (flatten.op == "call_function" and flatten.target in _FLATTENS and flatten.args[1:] == (1,))
+            or not (linear.op == "call_module" and isinstance(modules[linear.target], nn.Linear))
+            or any(not (n.op == "call_module" and isinstance(modules[n.target], _IDENTITY_IN_EVAL)) for n in chain[2:-1])
+        ):
+            continue
+        pool, fc = modules[pool_node.target], modules[linear.target]
+        with torch.enable_grad():
+            probe = fc.weight.new_zeros(fc.out_features, *in_shape[1:]).requires_grad_(True)
+            (weight,) = torch.autograd.grad(pool(probe).flatten(1), probe, grad_outputs=fc.weight.detach())
+        merged = nn.Linear(weight[0].numel(), fc.out_features, bias=fc.bias is not None)
+        with torch.no_grad():
+            merged.weight.copy_(weight.flatten(1))
+            if fc.bias is not None:
+                merged.bias.copy_(fc.bias)
+        merged.requires_grad_(False)
+        parent, _, name = linear.target.rpartition(".")
+        setattr(gm.get_submodule(parent) if parent else gm, name, merged)
+        modules[linear.target] = merged
+        pool_node.replace_all_uses_with(pool_node.args[0])
+        gm.graph.erase_node(pool_node)
+        folded += 1
+    gm.recompile()
+    return folded
+
+
+def _record_shapes(gm: fx.GraphModule, example: Tensor) -> None:
+    """node.meta["shape"] for every tensor-valued node, from one forward of `example`."""
+    from torch.fx.passes.shape_prop import ShapeProp
+
+    ShapeProp(gm).propagate(example)
+    for node in gm.graph.nodes:
+        meta = node.meta.get("tensor_meta")
+        node.meta["shape"] = tuple(meta.shape) if meta is not None and hasattr(meta, "shape") else None
+
+
+class IncrementalInference:
+    """Run many occluded copies of one image through a model, recomputing only what changes.
+
+        engine = IncrementalInference(model, watch={"conv5": "features.11"})
+        engine.prepare(image)                       # [1, 3, H, W]: caches every layer's maps
+        logits, watched = engine.run(Patched(zeros[B, 3, s, s], y0, x0))
+
+    model: any torch.fx-traceable network (it is copied; the original is untouched). watch:
+    name -> module path whose output the caller wants per occluder position; `run` returns it as
+    a Patched value or a whole [B, ...] tensor (see `materialise`, `total_per_channel`), and
+    `prepare` returns the unoccluded values. full_fraction: a window covering at least this share
+    of its map is computed as whole maps instead (the gathers would cost more than they save).
+    tune_layout: run each layer in the memory layout (channels-last or not) that the first batch
+    measures fastest for it; the numbers are the same either way, up to rounding.
+    fold: apply exact graph rewrites first (BatchNorm folded into the convolution before it, an
+    upsampling adaptive pool folded into the Linear after it); equal up to float rounding.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        watch: Mapping[str, str] | None = None,
+        full_fraction: float = 0.8,
+        fold: bool = True,
+        tune_layout: bool = True,
+    ) -> None:
+        if not 0 < full_fraction <= 1:
+            raise ValueError(f"full_fraction must be in (0, 1], got {full_fraction!r}")
+        self.model = copy.deepcopy(model).eval()
+        for module in self.model.modules():
+            if getattr(module, "inplace", False):
+                module.inplace = False  # cached maps must never be overwritten
+        self.model.requires_grad_(False)
+        self.watch_paths = dict(watch or {})
+        self.full_fraction = full_fraction
+        self.fold = fold
+        self.tune_layout = tune_layout
+        self._layouts: dict[fx.Node, torch.memory_format] = {}
+        self.input_shape: tuple[int, ...] | None = None
+        self.base: dict[fx.Node, object] | None = None
+
+    def _build(self, image: Tensor) -> None:
+        """Trace the model for inputs shaped like `image` and apply the exact graph rewrites."""
+        gm = fx.symbolic_trace(copy.deepcopy(self.model))
+        watch = {name: _module_node(gm, path) for name, path in self.watch_paths.items()}
+        if self.fold:
+            moved = _fold_batchnorm(gm, set(watch.values()))
+            watch = {name: moved.get(node, node) for name, node in watch.items()}
+            _record_shapes(gm, image)
+            _fold_upsampling_pool(gm, set(watch.values()))
+        self.gm, self.watch = gm, watch
+        self._layouts = {}
+        self.nodes = list(gm.graph.nodes)
+        self.modules = dict(gm.named_modules())
+        last_use: dict[fx.Node, int] = {}
+        for index, node in enumerate(self.nodes):
+            for arg in node.all_input_nodes:
+                last_use[arg] = index
+        keep = set(watch.values())
+        self._free_after = [[] for _ in self.nodes]
+        for node, index in last_use.items():
+            if node not in keep:
+                self._free_after[index].append(node)
+        self.input_shape = tuple(image.shape)
+
+    @staticmethod
+    def supports(model: nn.Module) -> bool:
+        """True when torch.fx can trace the model (else use a plain batched forward)."""
+        try:
+            fx.symbolic_trace(copy.deepcopy(model))
+        except Exception:  # noqa: BLE001 - any tracing failure means "not supported"
+            return False
+        return True
+
+    # ---- the unoccluded forward
+
+    @torch.no_grad()
+    def prepare(self, image: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+        """Run the unoccluded image [1, C, H, W] once, caching every node's output.
+
+        Returns (logits [1, K], {watch name: its unoccluded output [1, ...]}).
+        """
+        if image.ndim != 4 or image.shape[0] != 1:
+            raise ValueError(f"prepare takes one image [1, C, H, W], got shape {tuple(image.shape)}")
+        if tuple(image.shape) != self.input_shape:
+            self._build(image)
+        values: dict[fx.Node, object] = {}
+        output = None
+        for node in self.nodes:
+            if node.op == "placeholder":
+                values[node] = _channels_last(image)
+            elif node.op == "output":
+                output = fx.node.map_arg(node.args[0], lambda n: values[n])
+            else:
+                args = fx.node.map_arg(node.args, lambda n: values[n])
+                value = self._call(node, args, fx.node.map_arg(node.kwargs, lambda n: values[n]))
+                values[node] = _channels_last(value) if isinstance(value, Tensor) else value
+        self.base = values
+        return output, {name: values[node] for name, node in self.watch.items()}
+
+    # ---- the occluded batch
+
+    @torch.no_grad()
+    def run(self, occluded: Patched) -> tuple[Tensor, dict[str, object]]:
+        """Forward the batch of occluded inputs, given as the input's changed windows.
+
+        Returns (logits [B, K], {watch name: Patched | [B, ...] tensor}).
+        """
+        if self.base is None:
+            raise RuntimeError("call prepare(image) before run()")
+        batch = len(occluded.y0)
+        values: dict[fx.Node, object] = {}
+        output = None
+        for index, node in enumerate(self.nodes):
+            if node.op == "placeholder":
+                values[node] = Patched(_channels_last(occluded.values), occluded.y0, occluded.x0)
+            elif node.op == "get_attr":
+                values[node] = SAME
+            elif node.op == "output":
+                output = fx.node.map_arg(node.args[0], lambda n: materialise(values[n], self.base[n], batch))
+            else:
+                values[node] = self._step(node, values, batch)
+            for done in self._free_after[index]:
+                values.pop(done, None)
+        return output, {name: values[node] for name, node in self.watch.items()}
+
+    def _step(self, node: fx.Node, values: dict, batch: int):
+        """One node of the occluded forward: Patched where the op allows, whole maps otherwise."""
+        inputs = node.all_input_nodes
+        if all(values[n] is SAME for n in inputs):
+            return SAME
+        if node.op == "call_module":
+            module = self.modules[node.target]
+            source = node.args[0]
+            value = values[source] if isinstance(source, fx.Node) else None
+            if isinstance(value, Patched) and len(node.args) == 1 and not node.kwargs:
+                if isinstance(module, _POINTWISE_MODULES):
+                    return Patched(self._in_best_layout(node, module, value.values), value.y0, value.x0)
+                windowed = self._windowed(node, module, value, self.base[source], self.base[node])
+                if windowed is not None:
+                    return windowed
+        elif node.op == "call_function" and node.target in _POINTWISE_FUNCTIONS:
+            value = values[node.args[0]] if isinstance(node.args[0], fx.Node) else None
+            if isinstance(value, Patched) and len(inputs) == 1:
+                kwargs = {k: v for k, v in node.kwargs.items() if k != "inplace"}
+                return Patched(node.target(value.values, *node.args[1:], **kwargs), value.y0, value.x0)
+        elif node.op == "call_method" and node.target in _POINTWISE_METHODS:
+            value = values[node.args[0]]
+            if isinstance(value, Patched) and len(inputs) == 1:
+                return Patched(getattr(value.values, node.target)(*node.args[1:], **node.kwargs), value.y0, value.x0)
+        binary = None
+        if node.op == "call_function":
+            binary = _BINARY_FUNCTIONS.get(node.target)
+        elif node.op == "call_method":
+            binary = _BINARY_METHODS.get(node.target)
+        if binary is not None and len(node.args) == 2 and not node.kwargs:
+            combined = self._elementwise(binary, node, values)
+            if combined is not None:
+                return combined
+        # Anything else sees whole maps: materialise every changed input and run the op as usual.
+        args = fx.node.map_arg(node.args, lambda n: materialise(values[n], self.base[n], batch))
+        kwargs = fx.node.map_arg(node.kwargs, lambda n: materialise(values[n], self.base[n], batch))
+        if node.op == "call_module" and len(args) == 1 and not kwargs and isinstance(args[0], Tensor):
+            return self._in_best_layout(node, self.modules[node.target], args[0])
+        return self._call(node, args, kwargs)
+
+    def _in_best_layout(self, node: fx.Node, fn, x: Tensor) -> Tensor:
+        """fn(x) with x in the memory layout fn runs fastest in on this machine, measured on the
+        first batch that reaches the node (CPU pooling is many times faster channels-last, while
+        convolutions on 2x2 to 4x4 maps run several times faster in the usual layout)."""
+        if not self.tune_layout or x.ndim != 4 or not isinstance(self.modules[node.target], _LAYOUT_SENSITIVE):
+            return fn(x)  # elementwise ops are as fast in either layout: never convert for them
+        layout = self._layouts.get(node)
+        if layout is not None:
+            return fn(x.contiguous(memory_format=layout))
+        seconds: dict[torch.memory_format, float] = {}
+        for layout in (torch.channels_last, torch.contiguous_format) * 2:
+            if x.is_cuda:
+                torch.cuda.synchronize()
+            tic = time.perf_counter()
+            out = fn(x.contiguous(memory_format=layout))
+            if x.is_cuda:
+                torch.cuda.synchronize()
+            seconds[layout] = min(seconds.get(layout, float("inf")), time.perf_counter() - tic)
+        self._layouts[node] = min(seconds, key=seconds.get)
+        return out
+
+    def _call(self, node: fx.Node, args, kwargs):
+        """The node's own operation on concrete arguments (in-place forms run out of place)."""
+        if node.op == "call_module":
+            return self.modules[node.target](*args, **kwargs)
+        if node.op == "call_function":
+            target = _BINARY_FUNCTIONS.get(node.target, node.target)
+            if "inplace" in kwargs:
+                kwargs = dict(kwargs, inplace=False)
+            return target(*args, **kwargs)
+        if node.op == "call_method":
+            name = node.target
+            if name.endswith("_") and hasattr(args[0], name[:-1]):
+                name = name[:-1]
+            return getattr(args[0], name)(*args[1:], **kwargs)
+        if node.op == "get_attr":
+            target = self.gm
+            for part in node.target.split("."):
+                target = getattr(target, part)
+            return target
+        raise ValueError(f"unexpected fx node {node.op}")
+
+    def _too_big(self, count_y: int, count_x: int, out_h: int, out_w: int) -> bool:
+        return count_y * count_x >= self.full_fraction * out_h * out_w
+
+    def _windowed(self, node: fx.Node, module: nn.Module, value: Patched, base_in: Tensor, base_out: Tensor) -> Patched | None:
+        """Conv/pool on the windows the changed region reaches; None when this op needs whole maps."""
+        if isinstance(module, nn.Conv2d):
+            if module.padding_mode != "zeros" or isinstance(module.padding, str) and module.padding != "valid":
+                return None
+            padding = (0, 0) if module.padding == "valid" else _pair(module.padding)
+            fill = 0.0
+        elif isinstance(module, nn.MaxPool2d):
+            padding, fill = _pair(module.padding), float("-inf")
+        elif isinstance(module, nn.AvgPool2d):
+            padding = _pair(module.padding)
+            if module.ceil_mode or module.divisor_override or (any(padding) and not module.count_include_pad):
+                return None
+            fill = 0.0
+        else:
+            return None
+        kernel, stride = _pair(module.kernel_size), _pair(module.stride or module.kernel_size)
+        dilation = _pair(getattr(module, "dilation", 1))
+        eff = [d * (k - 1) + 1 for k, d in zip(kernel, dilation)]
+        (_, _, in_h, in_w), (_, _, out_h, out_w) = base_in.shape, base_out.shape
+        ph, pw = value.size
+        oy, count_y, ty, th = _affected(value.y0, ph, in_h, out_h, eff[0], stride[0], padding[0])
+        ox, count_x, tx, tw = _affected(value.x0, pw, in_w, out_w, eff[1], stride[1], padding[1])
+        if self._too_big(count_y, count_x, out_h, out_w):
+            return None
+        windows = _read(base_in, value, ty, tx, th, tw, fill)
+        return Patched(self._in_best_layout(node, _Windowed(module, kernel, stride, dilation), windows), oy, ox)
+
+    def _elementwise(self, op, node: fx.Node, values: dict) -> Patched | None:
+        """op(a, b) where at least one is Patched and none is whole: on the union of the windows."""
+        operands = [values[a] if isinstance(a, fx.Node) else a for a in node.args]
+        patched = [v for v in operands if isinstance(v, Patched)]
+        if not patched or any(isinstance(v, Tensor) for v in operands):
+            return None
+        bases = [self.base[a] if isinstance(a, fx.Node) else a for a in node.args]
+        shape = self.base[node].shape
+        if any(isinstance(b, Tensor) and b.shape != shape for b in bases) or len(shape) != 4:
+            return None  # broadcasting: leave it to the whole-map path
+        out_h, out_w = shape[-2:]
+        y0 = torch.stack([p.y0 for p in patched]).amin(0)
+        x0 = torch.stack([p.x0 for p in patched]).amin(0)
+        h = int((torch.stack([p.y0 + p.size[0] for p in patched]).amax(0) - y0).max())
+        w = int((torch.stack([p.x0 + p.size[1] for p in patched]).amax(0) - x0).max())
+        h, w = min(h, out_h), min(w, out_w)
+        if self._too_big(h, w, out_h, out_w):
+            return None
+        y0, x0 = y0.clamp(max=out_h - h), x0.clamp(max=out_w - w)
+        args = []
+        for value, base in zip(operands, bases):
+            if isinstance(value, Patched):
+                args.append(_read(base, value, y0, x0, h, w, 0.0))
+            elif value is SAME:
+                args.append(_read(base, None, y0, x0, h, w, 0.0))
+            else:
+                args.append(value)  # a scalar
+        return Patched(op(*args), y0, x0)
