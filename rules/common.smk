@@ -13,6 +13,8 @@ from convviz.config import (
     target_settings,
     study_settings,
     train_settings,
+    transfer_settings,
+    transfer_targets,
     validate_config,
 )
 
@@ -22,7 +24,8 @@ validate(config, "../schemas/config.schema.yaml")
 
 MODELS = config["models"]
 DATA = "results/data/source"
-TARGETS = ["synthetic_target"]
+# Transfer targets enabled in config (transfer.targets.<name>.enabled).
+TARGETS = transfer_targets(config)
 ENV = "../envs/convviz.yaml"
 
 
@@ -55,25 +58,47 @@ def all_outputs():
 REPORT = "results/report/index.html"
 
 
+def producing_job(target):
+    """(rule, wildcards) of the job that writes `target`, or None for a source file."""
+    producer = next((r for r in workflow.rules if r.name not in ("all", "report") and r.is_producer(target)), None)
+    return None if producer is None else (producer, producer.get_wildcards(target))
+
+
 def jobs_behind(targets):
-    """Every output and benchmark file of the jobs that produce `targets`.
+    """Every output of the jobs that produce `targets`, and the benchmark file of every job they
+    depend on (upstream jobs first, so timings read in DAG order).
 
     The report takes these as its inputs, so it reads only what this configuration's jobs wrote
     (never a leftover figure from an earlier config), and it reruns whenever one of them changes.
     """
-    outputs, benchmarks = [], []
-    for target in targets:
-        if target == REPORT:
-            continue
-        producer = next((r for r in workflow.rules if r.name not in ("all", "report") and r.is_producer(target)), None)
-        if producer is None:  # a source file: the report reads it as it is
-            outputs.append(target)
-            continue
-        wildcards = producer.get_wildcards(target)
-        outputs.extend(str(f) for f in producer.expand_output(wildcards)[0])
+    outputs, benchmarks, seen = [], [], set()
+
+    def visit(producer, wildcards):
+        key = (producer.name, tuple(sorted(wildcards.items())))
+        if key in seen:
+            return
+        seen.add(key)
+        try:
+            inputs = producer.expand_input(wildcards)[0]
+        except Exception:  # an input function that needs a finished checkpoint: no upstream timings
+            inputs = []
+        for f in inputs:
+            upstream = producing_job(str(f))
+            if upstream is not None:
+                visit(*upstream)
         benchmark = producer.expand_benchmark(wildcards)
         if benchmark is not None:
             benchmarks.append(str(benchmark))
+
+    for target in targets:
+        if target == REPORT:
+            continue
+        job = producing_job(target)
+        if job is None:  # a source file: the report reads it as it is
+            outputs.append(target)
+            continue
+        outputs.extend(str(f) for f in job[0].expand_output(job[1])[0])
+        visit(*job)
     return list(dict.fromkeys(outputs)), list(dict.fromkeys(benchmarks))
 
 

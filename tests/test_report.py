@@ -166,13 +166,19 @@ def test_unit_evolution_strip_holds_the_evolution_projections_by_epoch(tmp_path)
     assert (decode_png(units["7"]["evolution"]["image"]) == tile_grid(evolution[0], 32, columns=4)).all()
 
 
-def test_timings_read_snakemake_benchmark_files(tmp_path):
+def test_timings_read_snakemake_benchmark_files(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # benchmark paths are relative to the workflow directory
     header = "s\th:m:s\tmax_rss\tmax_vms\tmax_uss\tmax_pss\tio_in\tio_out\tmean_load\tcpu_time\n"
-    path = tmp_path / "results/benchmarks/train/lenet.tsv"
+    path = Path("results/benchmarks/train/lenet.tsv")
     path.parent.mkdir(parents=True)
     path.write_text(header + "12.5\t0:00:12\t300.0\t1\t1\t1\t0\t0\t95.0\t11.0\n")
-    out = timings([path])
-    assert out.loc[0, "job"] == "lenet" and out.loc[0, "wall (s)"] == 12.5 and out.loc[0, "CPU (s)"] == 11.0
+    nested = Path("results/benchmarks/transfer/caltech101/zfnet.tsv")
+    nested.parent.mkdir(parents=True)
+    nested.write_text(header + "2.0\t0:00:02\t100.0\t1\t1\t1\t0\t0\t50.0\t1.0\n3.0\t0:00:03\t100.0\t1\t1\t1\t0\t0\t50.0\t2.0\n")
+    out = timings([path, nested])
+    assert list(out["step"]) == ["train", "transfer"] and list(out["job"]) == ["lenet", "caltech101/zfnet"]
+    assert out.loc[0, "wall (s)"] == 12.5 and out.loc[0, "CPU (s)"] == 11.0
+    assert out.loc[1, "wall (s)"] == 2.5  # repeated measurements (benchmark repeats) are averaged
 
 
 def test_the_report_reads_only_its_inputs(tmp_path, monkeypatch):
@@ -213,7 +219,7 @@ def test_smoke_report_is_self_contained_and_complete(smoke_run):
     for section in SECTION_IDS:
         assert f'id="{section}"' in page
     absent = set(re.findall(r'id="([\w-]+)" class="report-section absent"', page))
-    assert not absent & {"setup", "training", "timings"}
+    assert not absent & {"setup", "training", "benchmarks", "timings"}
     for study in present_studies(smoke_run):
         assert study not in absent, f"{study} ran in the smoke run but its section is left out"
     models = yaml.safe_load((smoke_run / "configs/smoke.yaml").read_text()).get("models") or ["lenet", "alexnet", "zfnet", "resnet50"]

@@ -538,12 +538,12 @@ def timings(paths: list[Path]) -> pd.DataFrame:
         df = pd.read_csv(path, sep="\t")
         if df.empty:
             continue
-        parts = Path(path).parts
-        step = parts[2] if len(parts) > 3 and parts[0] == "results" else Path(path).parent.name
+        parts = Path(path).with_suffix("").parts
+        inside = len(parts) > 3 and parts[:2] == ("results", "benchmarks")
         rows.append(
             {
-                "step": step,
-                "job": Path(path).stem,
+                "step": parts[2] if inside else Path(path).parent.name,
+                "job": "/".join(parts[3:]) if inside else Path(path).stem,
                 "wall (s)": float(df["s"].mean()),
                 "CPU (s)": float(df["cpu_time"].mean()) if "cpu_time" in df else np.nan,
                 "max RSS (MB)": float(df["max_rss"].mean()) if "max_rss" in df else np.nan,
