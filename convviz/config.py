@@ -32,7 +32,9 @@ def _describe(error: jsonschema.ValidationError) -> str:
     if error.validator == "additionalProperties":
         allowed = sorted(error.schema.get("properties", {}))
         extra = sorted(set(error.instance) - set(allowed))
-        return f"config key '{key}': unknown key(s) {extra}; allowed keys: {allowed}"
+        where = "at the top level" if not error.absolute_path else f"in '{key}'"
+        names = ", ".join(f"'{_key([*error.absolute_path, name])}'" for name in extra)
+        return f"config key {names}: unknown key {where}; allowed keys: {allowed}"
     if error.validator == "enum":
         return f"config key '{key}': {error.instance!r} is not one of the allowed values {error.validator_value}"
     if error.validator == "propertyNames":
@@ -81,6 +83,12 @@ def _cross_checks(config: dict) -> list[str]:
     """Checks a JSON schema cannot express."""
     problems = []
     data = config["data"]
+    for target in transfer_targets(config):
+        if target != "synthetic_target" and not config["transfer"]["targets"][target].get("root"):
+            problems.append(
+                f"config key 'transfer.targets.{target}.root': the enabled target {target!r} needs a root folder "
+                "(where it lives, or where download: true should put it), or set enabled: false"
+            )
     if data["dataset"] in REAL_DATASETS and not data.get("root"):
         problems.append(
             f"config key 'data.root': dataset {data['dataset']!r} needs a root folder "
@@ -119,6 +127,15 @@ def _cross_checks(config: dict) -> list[str]:
         settings = train_settings(config, model)
         if settings["batch_size"] < 2 and settings["epochs"] > 0:
             problems.append(f"config key 'train.per_model.{model}.batch_size': BatchNorm models need batch_size >= 2")
+        # The common list is the paper's and is cut to each model's run; an explicit per-model
+        # list that names epochs the run never reaches is a mistake.
+        own = config["train"].get("per_model", {}).get(model, {})
+        beyond = sorted(e for e in own.get("checkpoint_epochs", []) if e > settings["epochs"])
+        if beyond:
+            problems.append(
+                f"config key 'train.per_model.{model}.checkpoint_epochs': epochs {beyond} are beyond the "
+                f"{settings['epochs']} epochs this model trains; allowed: 1..{settings['epochs']}"
+            )
     return problems
 
 
@@ -185,10 +202,40 @@ def dataset_settings(config: dict) -> dict:
     return settings
 
 
+TRANSFER_TARGETS = ("synthetic_target", "caltech101", "caltech256", "voc2012")
+
+
+def transfer_targets(config: dict) -> list[str]:
+    """The enabled transfer targets (transfer.targets.<name>.enabled), in TRANSFER_TARGETS order."""
+    targets = config.get("transfer", {}).get("targets", {})
+    return [t for t in TRANSFER_TARGETS if targets.get(t, {}).get("enabled", t == "synthetic_target")]
+
+
+def transfer_settings(config: dict, target: str) -> dict:
+    """Rule transfer's params for one target: the `transfer` section with `targets` replaced by
+    that target's own settings (so editing another target reruns nothing here)."""
+    settings = study_settings(config, "transfer")
+    settings["target"] = dict(settings.pop("targets", {}).get(target, {}), name=target)
+    return settings
+
+
 def target_settings(config: dict, target: str) -> dict:
     """Settings of a transfer target dataset (the target_dataset rule's params)."""
+    if target not in TRANSFER_TARGETS:
+        raise ConfigError(f"unknown transfer target {target!r}; available: {list(TRANSFER_TARGETS)}")
     if target != "synthetic_target":
-        raise ConfigError(f"unknown transfer target {target!r}; available: ['synthetic_target']")
+        # Exported through convviz.data.real like a source dataset; the transfer protocol draws
+        # its own random splits, so val_fraction only shapes the manifest's split column.
+        own = config.get("transfer", {}).get("targets", {}).get(target, {})
+        return {
+            "dataset": target,
+            "root": own.get("root"),
+            "download": bool(own.get("download", False)),
+            "image_size": config["data"]["image_size"],
+            "seed": config["seed"],
+            "val_fraction": config["data"]["val_fraction"],
+            "max_per_class": own.get("max_per_class"),
+        }
     syn = config["data"]["synthetic"]
     return {
         "dataset": "synthetic_target",
