@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 CORES ?= all
 
-.PHONY: report test test-slow lint dry-run benchmarks clean
+.PHONY: report test test-slow test-slurm lint dry-run benchmarks clean
 
 $(STAMP): requirements.txt requirements-dev.txt pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -23,6 +23,12 @@ test: $(STAMP)
 
 test-slow: $(STAMP)
 	$(BIN)/python -m pytest -q -m slow
+
+# The smoke DAG through SLURM on a single-node cluster on this machine (root; installs Debian's
+# SLURM packages on first use; tests/slurm/stop-cluster.sh stops it again).
+test-slurm: $(STAMP)
+	bash tests/slurm/start-cluster.sh
+	$(BIN)/python -m pytest -q -m slurm --durations=5 tests/test_slurm.py
 
 lint: $(STAMP)
 	$(BIN)/snakemake --lint
