@@ -72,7 +72,7 @@ def run_id_of(log: str) -> str:
     return match.group(1)
 
 
-def sacct_jobs(run_id: str, duplicates: bool = False) -> pd.DataFrame:
+def sacct_jobs(run_id: str, duplicates: bool = False, settle: int = 30) -> pd.DataFrame:
     """One row per SLURM job of a Snakemake run (jobs are named by the plugin's run ID); with
     ``duplicates``, one row per run of a job (a requeued job ran more than once)."""
     since = time.strftime("%Y-%m-%dT%H:%M", time.localtime(time.time() - 86400))
@@ -83,6 +83,10 @@ def sacct_jobs(run_id: str, duplicates: bool = False) -> pd.DataFrame:
     ).stdout
     rows = [line.split("|") for line in out.splitlines() if line.strip()]
     jobs = pd.DataFrame(rows, columns=["job_id", "state", "comment", "alloc_tres"])
+    # slurmdbd hears of a job's end (and its comment) shortly after squeue does: wait for that.
+    if (jobs["comment"].eq("") | jobs["state"].isin(["PENDING", "RUNNING"])).any() and settle > 0:
+        time.sleep(1)
+        return sacct_jobs(run_id, duplicates, settle - 1)
     # The plugin's comment: rule_<rule>[_wildcards_<values>]
     parsed = jobs["comment"].str.extract(r"^rule_(?P<rule>\w+?)(?:_wildcards_(?P<wildcards>.*))?$")
     return pd.concat([jobs, parsed], axis=1)
@@ -212,10 +216,13 @@ def test_training_killed_partway_resumes_from_its_last_epoch(preemption, slurm_c
         while not (model_dir / "resume/last.pt").exists():  # written atomically after each epoch
             assert proc.poll() is None and time.time() < deadline, log_path.read_text()[-3000:]
             time.sleep(0.2)
-        running = sacct_jobs(run_id_of(log_path.read_text()))
-        running = running[(running["rule"] == "train") & (running["state"] == "RUNNING")]
-        assert len(running) == 1, running.to_string()
-        job_id = running["job_id"].iloc[0]
+        # squeue, not sacct: accounting learns of a running job (and its comment) with a delay.
+        queue = subprocess.run(["squeue", "-h", "--name", run_id_of(log_path.read_text()), "-o", "%i|%T|%k"],
+                               check=True, capture_output=True, text=True).stdout.split()
+        running = [line.split("|")[0] for line in queue
+                   if line.endswith("|RUNNING|rule_train_wildcards_resnet50")]
+        assert len(running) == 1, queue
+        job_id = running[0]
         if preemption == "scancel":
             subprocess.run(["scancel", job_id], check=True)
         else:
