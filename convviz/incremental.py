@@ -34,6 +34,7 @@ import time
 from dataclasses import dataclass
 from typing import Mapping
 
+import numpy as np
 import torch
 import torch.fx as fx
 import torch.nn.functional as F
@@ -82,12 +83,16 @@ class Patched:
     """A batch of feature maps that equal a cached map except in one window per batch row.
 
     values: [B, C, h, w] the window's values (every position of one batch has the same h, w);
-    y0, x0: [B] int64, the window's top-left position in the [H, W] map (the window lies inside it).
+    y0, x0: [B] int64, the window's top-left position in the [H, W] map (the window lies inside it),
+    given as tensors or arrays and kept as numpy arrays (the geometry is host-side bookkeeping).
     """
 
     values: Tensor
-    y0: Tensor
-    x0: Tensor
+    y0: np.ndarray
+    x0: np.ndarray
+
+    def __post_init__(self) -> None:
+        self.y0, self.x0 = _host(self.y0), _host(self.x0)
 
     @property
     def size(self) -> tuple[int, int]:
@@ -104,6 +109,16 @@ SAME = _Same()
 # ------------------------------------------------------------------------------------- window reads
 
 
+def _host(positions) -> np.ndarray:
+    if isinstance(positions, Tensor):
+        positions = positions.detach().cpu().numpy()
+    return np.asarray(positions, dtype=np.int64).reshape(-1)
+
+
+def _index(array: np.ndarray, like: Tensor) -> Tensor:
+    return torch.from_numpy(np.ascontiguousarray(array).reshape(-1)).to(like.device)
+
+
 def _channels_last(x: Tensor) -> Tensor:
     """4-d maps in channels-last layout: window reads become row copies, and CPU pooling is far faster."""
     return x.contiguous(memory_format=torch.channels_last) if x.ndim == 4 else x
@@ -114,11 +129,16 @@ def _rows(x: Tensor) -> Tensor:
     return x.permute(0, 2, 3, 1).reshape(-1, x.shape[1])
 
 
-def _read(base: Tensor, patch: Patched | None, ty: Tensor, tx: Tensor, th: int, tw: int, fill: float) -> Tensor:
+_FEW_CHANNELS = 16
+
+
+def _read(base: Tensor, patch: Patched | None, ty: np.ndarray, tx: np.ndarray, th: int, tw: int, fill: float) -> Tensor:
     """Windows [B, C, th, tw] at (ty, tx) of the map `base` [1, C, H, W] with `patch` laid over it.
 
-    Rows/columns outside the map (a layer's padding) read `fill`. One `index_select` of whole
-    channel vectors from the map and the patch stacked together: a row copy per position.
+    Rows/columns outside the map (a layer's padding) read `fill`. The windows are one
+    `index_select` of whole channel vectors of the map (a row copy per position), then the
+    patch's vectors are copied over them (with few channels, as in the input image, both go per
+    channel instead: copies of a few floats at a time are slow).
     """
     _, channels, height, width = base.shape
     pad_t, pad_l = max(0, -int(ty.min())), max(0, -int(tx.min()))
@@ -127,20 +147,32 @@ def _read(base: Tensor, patch: Patched | None, ty: Tensor, tx: Tensor, th: int, 
     if pad_t or pad_l or pad_b or pad_r:
         grid = F.pad(grid, (0, 0, pad_l, pad_r, pad_t, pad_b), value=fill)
     padded_w = grid.shape[1]
-    rows = (ty + pad_t)[:, None] + torch.arange(th, device=ty.device)  # [B, th] in the padded map
-    cols = (tx + pad_l)[:, None] + torch.arange(tw, device=tx.device)
-    index = rows[:, :, None] * padded_w + cols[:, None, :]  # [B, th, tw]
-    source = grid.reshape(-1, channels)
+    rows = (ty + pad_t)[:, None] + np.arange(th)  # [B, th] in the padded map
+    cols = (tx + pad_l)[:, None] + np.arange(tw)
+    index = _index(rows[:, :, None] * padded_w + cols[:, None, :], base)  # [B*th*tw]
+    few = channels < _FEW_CHANNELS
+    if few:
+        out = grid.permute(2, 0, 1).reshape(channels, -1).index_select(1, index)  # [C, B*th*tw]
+    else:
+        out = grid.reshape(-1, channels).index_select(0, index)  # [B*th*tw, C]
     if patch is not None:
         ph, pw = patch.size
         prow = rows - pad_t - patch.y0[:, None]  # row inside the patch, [B, th]
         pcol = cols - pad_l - patch.x0[:, None]
-        inside = ((prow >= 0) & (prow < ph))[:, :, None] & ((pcol >= 0) & (pcol < pw))[:, None, :]
-        batch = torch.arange(len(ty), device=ty.device)[:, None, None]
-        in_patch = (batch * ph + prow.clamp(0, ph - 1)[:, :, None]) * pw + pcol.clamp(0, pw - 1)[:, None, :]
-        index = torch.where(inside, in_patch + source.shape[0], index)
-        source = torch.cat([source, _rows(patch.values)])
-    return source.index_select(0, index.flatten()).view(len(ty), th, tw, channels).permute(0, 3, 1, 2)
+        inside = (((prow >= 0) & (prow < ph))[:, :, None] & ((pcol >= 0) & (pcol < pw))[:, None, :]).reshape(-1)
+        target = np.flatnonzero(inside)
+        if few:
+            changed = patch.values.permute(1, 0, 2, 3).reshape(channels, -1)
+        else:
+            changed = _rows(patch.values)
+        if len(target) != changed.shape[-1 if few else 0]:  # the window cuts the patch: take the part inside
+            batch = np.arange(len(ty))[:, None, None]
+            source = ((batch * ph + prow[:, :, None]) * pw + pcol[:, None, :]).reshape(-1)[target]
+            changed = changed.index_select(1 if few else 0, _index(source, base))
+        out.index_copy_(1 if few else 0, _index(target, base), changed)
+    if few:
+        return out.view(channels, len(ty), th, tw).transpose(0, 1)
+    return out.view(len(ty), th, tw, channels).permute(0, 3, 1, 2)
 
 
 def materialise(value, base: Tensor, batch: int) -> Tensor:
@@ -151,14 +183,13 @@ def materialise(value, base: Tensor, batch: int) -> Tensor:
         return base.expand(batch, *base.shape[1:])
     _, channels, height, width = base.shape
     num = len(value.y0)
-    full = base.permute(0, 2, 3, 1).expand(num, height, width, channels).clone()  # [B, H, W, C]
+    full = base.permute(0, 2, 3, 1).expand(num, height, width, channels).contiguous()  # [B, H, W, C]
     ph, pw = value.size
-    device = value.y0.device
-    rows = value.y0[:, None] + torch.arange(ph, device=device)
-    cols = value.x0[:, None] + torch.arange(pw, device=device)
-    batch = torch.arange(num, device=device)[:, None, None]
+    rows = value.y0[:, None] + np.arange(ph)
+    cols = value.x0[:, None] + np.arange(pw)
+    batch = np.arange(num)[:, None, None]
     index = (batch * height + rows[:, :, None]) * width + cols[:, None, :]
-    full.view(-1, channels).index_copy_(0, index.flatten(), _rows(value.values))
+    full.view(-1, channels).index_copy_(0, _index(index, base), _rows(value.values))
     return full.permute(0, 3, 1, 2)  # channels-last
 
 
@@ -187,15 +218,15 @@ def _pair(value) -> tuple[int, int]:
     return tuple(value) if isinstance(value, (tuple, list)) else (value, value)
 
 
-def _affected(start: Tensor, length: int, size_in: int, size_out: int, kernel: int, stride: int, pad: int):
+def _affected(start: np.ndarray, length: int, size_out: int, kernel: int, stride: int, pad: int):
     """Along one axis: outputs a changed input run [start, start+length) reaches, one size for all.
 
     Returns (first output [B], output count, first input row read [B], input rows read).
     """
-    first = torch.div(start + pad - (kernel - 1) + stride - 1, stride, rounding_mode="floor").clamp(min=0)
-    last = torch.div(start + length - 1 + pad, stride, rounding_mode="floor").clamp(max=size_out - 1)
+    first = np.maximum(-((kernel - 1 - pad - start) // stride), 0)  # ceil((start + pad - kernel + 1) / stride)
+    last = np.minimum((start + length - 1 + pad) // stride, size_out - 1)
     count = min(int((last - first).max()) + 1, size_out)
-    first = first.clamp(max=size_out - count)
+    first = np.minimum(first, size_out - count)
     return first, count, first * stride - pad, (count - 1) * stride + kernel
 
 
@@ -264,6 +295,29 @@ class _Windowed:
         return F.avg_pool2d(x, self.kernel, self.stride, 0)
 
 
+def _is_pointwise_conv(module: nn.Module) -> bool:
+    """A 1x1 convolution without padding, dilation or groups: a matrix product at each position."""
+    return (
+        type(module) is nn.Conv2d
+        and _pair(module.kernel_size) == (1, 1)
+        and module.groups == 1
+        and not isinstance(module.padding, str)
+        and _pair(module.padding) == (0, 0)
+    )
+
+
+def _pointwise_matmul(conv: nn.Conv2d, x: Tensor) -> Tensor:
+    """conv(x) for a 1x1 convolution as one [B*h*w, Cin] x [Cin, Cout] product (channels-last out)."""
+    stride = _pair(conv.stride)
+    if stride != (1, 1):
+        x = x[:, :, :: stride[0], :: stride[1]]
+    batch, channels, height, width = x.shape
+    rows = x.permute(0, 2, 3, 1).reshape(-1, channels)
+    weight = conv.weight.view(conv.out_channels, channels).t()
+    out = torch.addmm(conv.bias, rows, weight) if conv.bias is not None else rows @ weight
+    return out.view(batch, height, width, conv.out_channels).permute(0, 3, 1, 2)
+
+
 _FLATTENS = {torch.flatten}
 _IDENTITY_IN_EVAL = (nn.Dropout, nn.Identity)
 
@@ -320,6 +374,80 @@ def _fold_upsampling_pool(gm: fx.GraphModule, keep: set[fx.Node]) -> int:
     return folded
 
 
+class SmallMapConv(nn.Module):
+    """A zero-padded Conv2d on a map of a few positions, as one matrix product per output row
+    (exact algebra, up to rounding).
+
+    On a 3x3 map a 3x3 convolution with padding 1 spends 32 of its 81 taps per channel pair on
+    padding (on a 2x2 map, 20 of 36). Output row `oy` reads only input rows r0..r1; over those
+    rows the convolution is a dense [rows*W*Cin, Wout*Cout] matrix, so each output row is one
+    large matrix product that skips the padding rows (e.g. AlexNet's conv3-conv5 at 64 px,
+    ResNet-50's layer4). The input is read in place, channels-last: no im2col copy.
+    """
+
+    def __init__(self, conv: nn.Conv2d, in_hw: tuple[int, int], out_hw: tuple[int, int]) -> None:
+        super().__init__()
+        (kh, kw), (sh, sw) = _pair(conv.kernel_size), _pair(conv.stride)
+        (ph, pw), (dh, dw) = _pair(conv.padding), _pair(conv.dilation)
+        weight = conv.weight.detach()  # [Cout, Cin, kh, kw]
+        cout, cin = weight.shape[:2]
+        (height, width), (out_h, out_w) = in_hw, out_hw
+        self.out_hw, self.out_channels = out_hw, cout
+        # Tap blocks [kh*kw + 1, Cin, Cout]; the last one is zero (positions no tap reaches).
+        blocks = torch.cat([weight.permute(2, 3, 1, 0).reshape(kh * kw, cin, cout), weight.new_zeros(1, cin, cout)])
+        ox = torch.arange(out_w)
+        ix = torch.arange(width)
+        kx = ix[:, None] - (ox[None, :] * sw - pw)  # [W, Wout]: tap column, when a multiple of dw
+        kx_ok = (kx >= 0) & (kx % dw == 0) & (kx // dw < kw)
+        self.rows: list[tuple[int, int]] = []
+        for oy in range(out_h):
+            top = oy * sh - ph
+            r0, r1 = max(top, 0), min(top + (kh - 1) * dh, height - 1) + 1
+            ky = torch.arange(r0, r1) - top  # [rows]
+            ky_ok = (ky % dh == 0) & (ky // dh < kh)
+            tap = (ky // dh)[:, None, None] * kw + (kx // dw)[None]  # [rows, W, Wout]
+            tap = torch.where(ky_ok[:, None, None] & kx_ok[None], tap, kh * kw)
+            matrix = blocks[tap].permute(0, 1, 3, 2, 4)  # [rows, W, Cin, Wout, Cout]
+            self.register_buffer(f"row{oy}", matrix.reshape((r1 - r0) * width * cin, out_w * cout).contiguous())
+            self.rows.append((r0, r1))
+        bias = conv.bias.detach() if conv.bias is not None else weight.new_zeros(cout)
+        self.register_buffer("bias", bias.repeat(out_w))  # [Wout*Cout], ordered (ox, cout)
+
+    def forward(self, x: Tensor) -> Tensor:
+        batch = x.shape[0]
+        grid = x.permute(0, 2, 3, 1)  # [B, H, W, Cin]: a view when x is channels-last
+        if not grid.is_contiguous():
+            grid = grid.contiguous()
+        out = torch.stack(
+            [torch.addmm(self.bias, grid[:, r0:r1].reshape(batch, -1), getattr(self, f"row{oy}"))
+             for oy, (r0, r1) in enumerate(self.rows)],
+            1,
+        )  # [B, Hout, Wout*Cout]
+        return out.view(batch, *self.out_hw, self.out_channels).permute(0, 3, 1, 2)
+
+
+def _small_map_convs(gm: fx.GraphModule, max_positions: int = 9) -> int:
+    """Replace convolutions whose output map has at most `max_positions` positions, and whose
+    kernel falls partly on padding there, by SmallMapConv. Returns how many were replaced."""
+    modules = dict(gm.named_modules())
+    replaced = 0
+    for node in gm.graph.nodes:
+        if node.op != "call_module" or type(modules[node.target]) is not nn.Conv2d:
+            continue
+        conv = modules[node.target]
+        in_shape, out_shape = node.args[0].meta.get("shape"), node.meta.get("shape")
+        if in_shape is None or out_shape is None or conv.groups != 1 or conv.padding_mode != "zeros":
+            continue
+        if isinstance(conv.padding, str) or out_shape[-2] * out_shape[-1] > max_positions or not any(_pair(conv.padding)):
+            continue
+        small = SmallMapConv(conv, tuple(in_shape[-2:]), tuple(out_shape[-2:]))
+        parent, _, name = node.target.rpartition(".")
+        setattr(gm.get_submodule(parent) if parent else gm, name, small)
+        replaced += 1
+    gm.recompile()
+    return replaced
+
+
 def _record_shapes(gm: fx.GraphModule, example: Tensor) -> None:
     """node.meta["shape"] for every tensor-valued node, from one forward of `example`."""
     from torch.fx.passes.shape_prop import ShapeProp
@@ -367,7 +495,7 @@ class IncrementalInference:
         self.full_fraction = full_fraction
         self.fold = fold
         self.tune_layout = tune_layout
-        self._layouts: dict[fx.Node, torch.memory_format] = {}
+        self._layouts: dict[fx.Node, str] = {}
         self.input_shape: tuple[int, ...] | None = None
         self.base: dict[fx.Node, object] | None = None
 
@@ -380,6 +508,7 @@ class IncrementalInference:
             watch = {name: moved.get(node, node) for name, node in watch.items()}
             _record_shapes(gm, image)
             _fold_upsampling_pool(gm, set(watch.values()))
+            _small_map_convs(gm)
         self.gm, self.watch = gm, watch
         self._layouts = {}
         self.nodes = list(gm.graph.nodes)
@@ -494,26 +623,40 @@ class IncrementalInference:
         kwargs = fx.node.map_arg(node.kwargs, lambda n: materialise(values[n], self.base[n], batch))
         if node.op == "call_module" and len(args) == 1 and not kwargs and isinstance(args[0], Tensor):
             return self._in_best_layout(node, self.modules[node.target], args[0])
+        if binary is not None and len(args) == 2 and all(isinstance(a, Tensor) and a.ndim == 4 for a in args):
+            # Elementwise ops on maps of two layouts run several times slower: align them first.
+            layout = torch.channels_last if args[0].is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format
+            args = (args[0], args[1].contiguous(memory_format=layout))
         return self._call(node, args, kwargs)
 
     def _in_best_layout(self, node: fx.Node, fn, x: Tensor) -> Tensor:
-        """fn(x) with x in the memory layout fn runs fastest in on this machine, measured on the
-        first batch that reaches the node (CPU pooling is many times faster channels-last, while
-        convolutions on 2x2 to 4x4 maps run several times faster in the usual layout)."""
-        if not self.tune_layout or x.ndim != 4 or not isinstance(self.modules[node.target], _LAYOUT_SENSITIVE):
+        """fn(x), run the way that is fastest on this machine, measured on the first batch that
+        reaches the node: with x channels-last or not (CPU pooling is many times faster
+        channels-last, while convolutions on 2x2 to 4x4 maps run several times faster in the
+        usual layout), and for 1x1 convolutions also as a plain matrix product. Every way
+        computes the same numbers, up to rounding."""
+        module = self.modules[node.target]
+        if not self.tune_layout or x.ndim != 4 or not isinstance(module, (*_LAYOUT_SENSITIVE, SmallMapConv)):
             return fn(x)  # elementwise ops are as fast in either layout: never convert for them
-        layout = self._layouts.get(node)
-        if layout is not None:
-            return fn(x.contiguous(memory_format=layout))
-        seconds: dict[torch.memory_format, float] = {}
-        for layout in (torch.channels_last, torch.contiguous_format) * 2:
+        ways = {
+            "channels_last": lambda t: fn(t.contiguous(memory_format=torch.channels_last)),
+            "contiguous": lambda t: fn(t.contiguous()),
+        }
+        if _is_pointwise_conv(module):
+            ways["matmul"] = lambda t: _pointwise_matmul(module, t)
+        chosen = self._layouts.get(node)
+        if chosen in ways:
+            return ways[chosen](x)
+        current = "channels_last" if x.is_contiguous(memory_format=torch.channels_last) else "contiguous"
+        seconds: dict[str, float] = {}
+        for name in sorted(ways, key=lambda n: n != current) * 2:  # best of two, the current layout first
             if x.is_cuda:
                 torch.cuda.synchronize()
             tic = time.perf_counter()
-            out = fn(x.contiguous(memory_format=layout))
+            out = ways[name](x)
             if x.is_cuda:
                 torch.cuda.synchronize()
-            seconds[layout] = min(seconds.get(layout, float("inf")), time.perf_counter() - tic)
+            seconds[name] = min(seconds.get(name, float("inf")), time.perf_counter() - tic)
         self._layouts[node] = min(seconds, key=seconds.get)
         return out
 
@@ -560,10 +703,10 @@ class IncrementalInference:
         kernel, stride = _pair(module.kernel_size), _pair(module.stride or module.kernel_size)
         dilation = _pair(getattr(module, "dilation", 1))
         eff = [d * (k - 1) + 1 for k, d in zip(kernel, dilation)]
-        (_, _, in_h, in_w), (_, _, out_h, out_w) = base_in.shape, base_out.shape
+        out_h, out_w = base_out.shape[-2:]
         ph, pw = value.size
-        oy, count_y, ty, th = _affected(value.y0, ph, in_h, out_h, eff[0], stride[0], padding[0])
-        ox, count_x, tx, tw = _affected(value.x0, pw, in_w, out_w, eff[1], stride[1], padding[1])
+        oy, count_y, ty, th = _affected(value.y0, ph, out_h, eff[0], stride[0], padding[0])
+        ox, count_x, tx, tw = _affected(value.x0, pw, out_w, eff[1], stride[1], padding[1])
         if self._too_big(count_y, count_x, out_h, out_w):
             return None
         windows = _read(base_in, value, ty, tx, th, tw, fill)
@@ -580,17 +723,19 @@ class IncrementalInference:
         if any(isinstance(b, Tensor) and b.shape != shape for b in bases) or len(shape) != 4:
             return None  # broadcasting: leave it to the whole-map path
         out_h, out_w = shape[-2:]
-        y0 = torch.stack([p.y0 for p in patched]).amin(0)
-        x0 = torch.stack([p.x0 for p in patched]).amin(0)
-        h = int((torch.stack([p.y0 + p.size[0] for p in patched]).amax(0) - y0).max())
-        w = int((torch.stack([p.x0 + p.size[1] for p in patched]).amax(0) - x0).max())
+        y0 = np.min([p.y0 for p in patched], axis=0)
+        x0 = np.min([p.x0 for p in patched], axis=0)
+        h = int((np.max([p.y0 + p.size[0] for p in patched], axis=0) - y0).max())
+        w = int((np.max([p.x0 + p.size[1] for p in patched], axis=0) - x0).max())
         h, w = min(h, out_h), min(w, out_w)
         if self._too_big(h, w, out_h, out_w):
             return None
-        y0, x0 = y0.clamp(max=out_h - h), x0.clamp(max=out_w - w)
+        y0, x0 = np.minimum(y0, out_h - h), np.minimum(x0, out_w - w)
         args = []
         for value, base in zip(operands, bases):
-            if isinstance(value, Patched):
+            if isinstance(value, Patched) and value.size == (h, w) and (value.y0 == y0).all() and (value.x0 == x0).all():
+                args.append(value.values)  # already the union's window (the ResNet branch that grew most)
+            elif isinstance(value, Patched):
                 args.append(_read(base, value, y0, x0, h, w, 0.0))
             elif value is SAME:
                 args.append(_read(base, None, y0, x0, h, w, 0.0))

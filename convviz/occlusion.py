@@ -343,6 +343,8 @@ def plot_occlusion(
 
     def show_map(ax, values, title, cmap, **kw):
         im = ax.imshow(values, extent=extent, cmap=cmap, interpolation="nearest", **kw)
+        if image.box is not None:  # where the object is, for orientation
+            ax.add_patch(Rectangle((bx0 - 0.5, by0 - 0.5), bx1 - bx0, by1 - by0, fill=False, ec="lime", lw=1, ls="--"))
         ax.set_xlim(-0.5, side - 0.5)
         ax.set_ylim(side - 0.5, -0.5)
         ax.set_title(title, fontsize=9)
@@ -355,8 +357,9 @@ def plot_occlusion(
     axes[2].imshow(contrast_normalise(projection).transpose(1, 2, 0))
     axes[2].set_title(f"(c) {layer} map {maps.channel} projected\n(deconvnet, unoccluded image)", fontsize=9)
 
+    # Scaled to what the map spans (a weak model's P(true) may move by a few thousandths only).
     im = show_map(axes[3], maps.p_true, f"(d) P({true_name}) by occluder centre\n(unoccluded: {maps.base_p_true:.3f})",
-                  "RdBu", vmin=0.0, vmax=1.0)
+                  "RdBu", vmin=float(maps.p_true.min()), vmax=max(float(maps.p_true.max()), maps.base_p_true))
     fig.colorbar(im, ax=axes[3], fraction=0.046, pad=0.04)
 
     present = sorted(set(np.unique(maps.top_class).tolist()))

@@ -123,12 +123,12 @@ class Toy(nn.Module):
 
     def __init__(self):
         super().__init__()
-        self.conv1 = nn.Conv2d(3, 8, 5, stride=2, padding=2)
-        self.bn1 = nn.BatchNorm2d(8)
+        self.conv1 = nn.Conv2d(3, 24, 5, stride=2, padding=2)  # windows read per channel (3) and per position (24)
+        self.bn1 = nn.BatchNorm2d(24)
         self.pool = nn.MaxPool2d(3, 2, padding=1, ceil_mode=True)
-        self.dilated = nn.Conv2d(8, 8, 3, padding=2, dilation=2)
-        self.conv2 = nn.Conv2d(8, 16, 3, stride=2, padding=1)
-        self.shortcut = nn.Conv2d(8, 16, 1, stride=2)
+        self.dilated = nn.Conv2d(24, 24, 3, padding=2, dilation=2)
+        self.conv2 = nn.Conv2d(24, 16, 3, stride=2, padding=1)
+        self.shortcut = nn.Conv2d(24, 16, 1, stride=2)
         self.avg = nn.AvgPool2d(2, stride=1)
         self.head = nn.Linear(32 * 4 * 4, 5)
 
@@ -171,9 +171,52 @@ def test_incremental_engine_equals_the_full_forward_on_every_construct(full_frac
         base = engine.base[engine.watch[name]]
         assert torch.allclose(materialise(watched[name], base, len(y0)), hooked[path], atol=1e-5)
         assert torch.allclose(total_per_channel(watched[name], base), hooked[path].sum((2, 3)), rtol=1e-5, atol=1e-4)
+    # Each way of running a layer (channels-last, usual layout, 1x1 convolution as a matrix
+    # product) gives the same numbers, whichever the timing picked above.
+    for way in ("channels_last", "contiguous", "matmul"):
+        engine._layouts = {node: way for node in engine.nodes if node.op == "call_module"}
+        assert torch.allclose(engine.run(Patched(values, y0, x0))[0], reference, rtol=1e-5, atol=1e-5)
     if full_fraction == 1.0:
         # The early maps really are computed as windows (else this test would only check the fallback).
         assert isinstance(watched["pool"], Patched) and watched["pool"].size < tuple(hooked["pool"].shape[-2:])
+
+
+@pytest.mark.parametrize("channels", [3, 40])  # read per channel / per position
+def test_window_reads_equal_slices_of_the_padded_patched_map(channels):
+    """_read against slicing: windows inside, over the padding, and cutting the patch."""
+    from convviz.incremental import _read
+
+    gen = torch.Generator().manual_seed(0)
+    base = torch.randn(1, channels, 12, 10, generator=gen)
+    patch = Patched(torch.randn(4, channels, 5, 3, generator=gen), np.array([0, 7, 3, 2]), np.array([0, 7, 2, 5]))
+    ty, tx = np.array([-2, 8, 4, 1]), np.array([-1, 6, 3, 6])  # rows 8-11 of the second window: the patch ends at 12
+    th, tw = 6, 5
+    got = _read(base, patch, ty, tx, th, tw, fill=-7.0)
+    full = materialise(patch, base, 4)
+    padded = F.pad(full, (3, 3, 3, 3), value=-7.0)
+    for b in range(4):
+        expected = padded[b, :, ty[b] + 3 : ty[b] + 3 + th, tx[b] + 3 : tx[b] + 3 + tw]
+        assert torch.equal(got[b], expected)
+    # Without a patch: the cached map alone.
+    plain = _read(base, None, ty, tx, th, tw, fill=0.0)
+    assert torch.equal(plain[1], F.pad(base, (3, 3, 3, 3))[0, :, 11:17, 9:14])
+
+
+@pytest.mark.parametrize(
+    "kernel, stride, padding, dilation, in_hw",
+    [(3, 1, 1, 1, (3, 3)), (3, 1, 1, 1, (2, 2)), (3, 2, 1, 1, (4, 4)), (5, 1, 2, 1, (3, 2)), (3, 1, 2, 2, (3, 3))],
+)
+def test_small_map_convolution_equals_conv2d(kernel, stride, padding, dilation, in_hw):
+    from convviz.incremental import SmallMapConv
+
+    torch.manual_seed(0)
+    conv = nn.Conv2d(6, 5, kernel, stride=stride, padding=padding, dilation=dilation)
+    x = torch.randn(4, 6, *in_hw)
+    with torch.no_grad():
+        expected = conv(x)
+        small = SmallMapConv(conv, in_hw, tuple(expected.shape[-2:]))
+        assert torch.allclose(small(x), expected, atol=1e-5)
+        assert torch.allclose(small(x.contiguous(memory_format=torch.channels_last)), expected, atol=1e-5)
 
 
 def test_incremental_engine_leaves_the_model_untouched():
