@@ -18,6 +18,8 @@ include: "rules/top9.smk"
 include: "rules/invariance.smk"
 include: "rules/occlusion.smk"
 include: "rules/correspondence.smk"
+include: "rules/compare.smk"
+include: "rules/transfer.smk"
 # Keep last: the report reads what every rule above adds to OUTPUTS.
 include: "rules/report.smk"
 

@@ -211,11 +211,17 @@ def transfer_targets(config: dict) -> list[str]:
     return [t for t in TRANSFER_TARGETS if targets.get(t, {}).get("enabled", t == "synthetic_target")]
 
 
-def transfer_settings(config: dict, target: str) -> dict:
-    """Rule transfer's params for one target: the `transfer` section with `targets` replaced by
-    that target's own settings (so editing another target reruns nothing here)."""
+def transfer_settings(config: dict, target: str, model: str | None = None) -> dict:
+    """Rule transfer's params for one target (and model): the `transfer` section with `targets`
+    replaced by that target's own settings and `scratch` updated by `scratch.per_model[model]`
+    (so editing another target or another model's baseline reruns nothing here)."""
     settings = study_settings(config, "transfer")
     settings["target"] = dict(settings.pop("targets", {}).get(target, {}), name=target)
+    scratch = dict(settings.get("scratch", {}))
+    overrides = scratch.pop("per_model", {})
+    if model is not None:
+        scratch.update(overrides.get(model, {}))
+    settings["scratch"] = scratch
     return settings
 
 
