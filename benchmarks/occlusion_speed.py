@@ -38,7 +38,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from convviz.io import write_json  # noqa: E402
-from convviz.models.registry import build_model, get_spec  # noqa: E402
+from convviz.models.registry import build_model  # noqa: E402
 from convviz.occlusion import make_engine, occluder_positions, occlusion_sweep  # noqa: E402
 
 GOAL = 2.0
@@ -153,7 +153,9 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", default=list(config["models"]))
     parser.add_argument("--size", type=int, default=occ.get("size", 16))
     parser.add_argument("--stride", type=int, default=occ.get("stride", 4))
-    parser.add_argument("--batch-size", type=int, default=config.get("analysis", {}).get("batch_size", 64))
+    parser.add_argument(
+        "--batch-size", type=int, default=occ.get("batch_size") or config.get("analysis", {}).get("batch_size", 64)
+    )
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--device", default="cpu")

@@ -418,8 +418,9 @@ def run_occlusion(
     classes = list(dataset.meta["classes"])
     method, engine = make_engine(model, model_name, settings["method"], log)
     positions = len(occluder_positions(image_size, size, stride)) ** 2
+    batch_size = settings.get("batch_size") or settings["analysis"]["batch_size"]
     log(f"occlusion: {model_name}, {len(images)} images x {positions} positions ({size} px occluder, stride "
-        f"{stride}), method {method}, top conv layer {spec.top_conv}")
+        f"{stride}), method {method}, {batch_size} positions per batch, top conv layer {spec.top_conv}")
     normalised = [dataset.normalise(p.raw).unsqueeze(0).to(device) for p in images]
 
     def sweep_all(batch_size: int) -> list[OcclusionMaps]:
@@ -433,7 +434,7 @@ def run_occlusion(
                 f"P(true) {done[-1].base_p_true:.3f} unoccluded, min {done[-1].p_true.min():.3f}")
         return done
 
-    maps = with_oom_retry(sweep_all, settings["analysis"]["batch_size"], log, what="occlusion")
+    maps = with_oom_retry(sweep_all, batch_size, log, what="occlusion")
     table = pd.concat([sweep_table(model_name, spec.top_conv, p, m) for p, m in zip(images, maps)], ignore_index=True)
     write_parquet(table, outputs.table)
     localisation = localisation_table(model_name, images, maps, size)
