@@ -21,6 +21,14 @@ anything this module does not know), the maps are materialised whole ([B, C, H, 
 rest of the network runs as an ordinary batched forward. The result is exact: the same
 arithmetic as the full forward on every value that can differ, up to float rounding.
 
+Where whole maps remain (at 64 px, everything from AlexNet's conv2 and ResNet-50's layer2 on),
+the engine runs them faster than the model's own forward, again exactly up to rounding: eval-mode
+BatchNorm is folded into the convolution before it; an AdaptiveAvgPool2d that only repeats a
+smaller map (AlexNet's 6x6 pool at 64 px) is folded into the Linear after it; convolutions on
+maps of at most 9 positions skip their padding taps (`SmallMapConv`); and each conv/pool layer
+runs channels-last, in the usual layout, or (1x1 convolutions) as one matrix product, whichever
+the first batch measured fastest on this machine.
+
 The network is traced with torch.fx (any module-built CNN: the plain stacks and ResNets);
 `IncrementalInference.supports(model)` says whether tracing works, so callers can fall back to
 a plain batched forward.
