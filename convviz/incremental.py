@@ -30,8 +30,8 @@ runs channels-last, in the usual layout, or (1x1 convolutions) as one matrix pro
 the first batch measured fastest on this machine.
 
 The network is traced with torch.fx (any module-built CNN: the plain stacks and ResNets);
-`IncrementalInference.supports(model)` says whether tracing works, so callers can fall back to
-a plain batched forward.
+`IncrementalInference.unsupported(model)` says why tracing fails, if it does, so callers can fall
+back to a plain batched forward.
 """
 
 from __future__ import annotations
@@ -533,13 +533,13 @@ class IncrementalInference:
         self.input_shape = tuple(image.shape)
 
     @staticmethod
-    def supports(model: nn.Module) -> bool:
-        """True when torch.fx can trace the model (else use a plain batched forward)."""
+    def unsupported(model: nn.Module) -> str | None:
+        """Why torch.fx cannot trace the model (then use a plain batched forward), or None."""
         try:
-            fx.symbolic_trace(copy.deepcopy(model))
-        except Exception:  # noqa: BLE001 - any tracing failure means "not supported"
-            return False
-        return True
+            fx.symbolic_trace(model)
+        except Exception as err:  # noqa: BLE001 - tracing fails in many ways (control flow on values, ...)
+            return f"torch.fx cannot trace it: {type(err).__name__}: {err}"
+        return None
 
     # ---- the unoccluded forward
 

@@ -162,12 +162,11 @@ def make_engine(model: nn.Module, model_name: str, method: str, log: Callable[[s
     if method == "batched":
         return "batched", None
     spec = get_spec(model_name)
-    try:
-        return "incremental", IncrementalInference(model, {"top": spec.layers[spec.top_conv]})
-    except Exception as err:  # noqa: BLE001 - tracing failures come in many types
-        log(f"occlusion: incremental inference does not apply to {model_name} ({type(err).__name__}: {err}); "
-            "using whole occluded images")
+    reason = IncrementalInference.unsupported(model)
+    if reason is not None:
+        log(f"occlusion: incremental inference does not apply to {model_name} ({reason}); using whole occluded images")
         return "batched", None
+    return "incremental", IncrementalInference(model, {"top": spec.layers[spec.top_conv]})
 
 
 # --------------------------------------------------------------------------------------- the images

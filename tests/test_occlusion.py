@@ -232,6 +232,31 @@ def test_incremental_engine_leaves_the_model_untouched():
     assert isinstance(model.bn1, nn.BatchNorm2d)
 
 
+class DataDependent(nn.Module):
+    """Python control flow on tensor values: torch.fx cannot trace it."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x):
+        x = torch.relu(self.conv(x))
+        if x.mean() > 0:  # data-dependent branch
+            x = x * 2
+        return self.head(x.mean((2, 3)))
+
+
+def test_untraceable_models_fall_back_to_whole_occluded_images():
+    from convviz.occlusion import make_engine
+
+    messages = []
+    method, engine = make_engine(DataDependent().eval(), "lenet", "incremental", messages.append)
+    assert (method, engine) == ("batched", None)
+    assert "torch.fx cannot trace it" in messages[0]
+    assert IncrementalInference.unsupported(Toy()) is None
+
+
 # ------------------------------------------------------------------------------- semantics
 
 
