@@ -478,10 +478,12 @@ class IncrementalInference:
     a Patched value or a whole [B, ...] tensor (see `materialise`, `total_per_channel`), and
     `prepare` returns the unoccluded values. full_fraction: a window covering at least this share
     of its map is computed as whole maps instead (the gathers would cost more than they save).
-    tune_layout: run each layer in the memory layout (channels-last or not) that the first batch
-    measures fastest for it; the numbers are the same either way, up to rounding.
+    tune_layout: run each conv/pool layer in the memory layout (channels-last or not; 1x1
+    convolutions also as a matrix product) that the first batch measures fastest for it; the
+    numbers are the same either way, up to rounding.
     fold: apply exact graph rewrites first (BatchNorm folded into the convolution before it, an
-    upsampling adaptive pool folded into the Linear after it); equal up to float rounding.
+    upsampling adaptive pool folded into the Linear after it, convolutions on maps of at most 9
+    positions as SmallMapConv); equal up to float rounding.
     """
 
     def __init__(
