@@ -140,8 +140,11 @@ def _rows(x: Tensor) -> Tensor:
 _FEW_CHANNELS = 16
 
 
-def _read(base: Tensor, patch: Patched | None, ty: np.ndarray, tx: np.ndarray, th: int, tw: int, fill: float) -> Tensor:
-    """Windows [B, C, th, tw] at (ty, tx) of the map `base` [1, C, H, W] with `patch` laid over it.
+def _read(
+    base: Tensor, patch: Patched | None, ty: np.ndarray, tx: np.ndarray, th: int, tw: int, fill: float, step=(1, 1)
+) -> Tensor:
+    """Windows [B, C, th, tw] at (ty, tx) of the map `base` [1, C, H, W] with `patch` laid over it;
+    with step (sy, sx), every sy-th row and sx-th column from (ty, tx) on.
 
     Rows/columns outside the map (a layer's padding) read `fill`. The windows are one
     `index_select` of whole channel vectors of the map (a row copy per position), then the
@@ -150,13 +153,14 @@ def _read(base: Tensor, patch: Patched | None, ty: np.ndarray, tx: np.ndarray, t
     """
     _, channels, height, width = base.shape
     pad_t, pad_l = max(0, -int(ty.min())), max(0, -int(tx.min()))
-    pad_b, pad_r = max(0, int(ty.max()) + th - height), max(0, int(tx.max()) + tw - width)
+    pad_b = max(0, int(ty.max()) + (th - 1) * step[0] + 1 - height)
+    pad_r = max(0, int(tx.max()) + (tw - 1) * step[1] + 1 - width)
     grid = base[0].permute(1, 2, 0)  # [H, W, C]
     if pad_t or pad_l or pad_b or pad_r:
         grid = F.pad(grid, (0, 0, pad_l, pad_r, pad_t, pad_b), value=fill)
     padded_w = grid.shape[1]
-    rows = (ty + pad_t)[:, None] + np.arange(th)  # [B, th] in the padded map
-    cols = (tx + pad_l)[:, None] + np.arange(tw)
+    rows = (ty + pad_t)[:, None] + step[0] * np.arange(th)  # [B, th] in the padded map
+    cols = (tx + pad_l)[:, None] + step[1] * np.arange(tw)
     index = _index(rows[:, :, None] * padded_w + cols[:, None, :], base)  # [B*th*tw]
     few = channels < _FEW_CHANNELS
     if few:
@@ -314,9 +318,10 @@ def _is_pointwise_conv(module: nn.Module) -> bool:
     )
 
 
-def _pointwise_matmul(conv: nn.Conv2d, x: Tensor) -> Tensor:
-    """conv(x) for a 1x1 convolution as one [B*h*w, Cin] x [Cin, Cout] product (channels-last out)."""
-    stride = _pair(conv.stride)
+def _pointwise_matmul(conv: nn.Conv2d, x: Tensor, stride=None) -> Tensor:
+    """conv(x) for a 1x1 convolution as one [B*h*w, Cin] x [Cin, Cout] product (channels-last out);
+    stride: the convolution's own unless given (windows already subsampled run with (1, 1))."""
+    stride = _pair(conv.stride if stride is None else stride)
     if stride != (1, 1):
         x = x[:, :, :: stride[0], :: stride[1]]
     batch, channels, height, width = x.shape
@@ -653,7 +658,8 @@ class IncrementalInference:
             "contiguous": lambda t: fn(t.contiguous()),
         }
         if _is_pointwise_conv(module):
-            ways["matmul"] = lambda t: _pointwise_matmul(module, t)
+            stride = fn.stride if isinstance(fn, _Windowed) else None
+            ways["matmul"] = lambda t: _pointwise_matmul(module, t, stride)
         chosen = self._layouts.get(node)
         if chosen in ways:
             return ways[chosen](x)
@@ -719,7 +725,14 @@ class IncrementalInference:
         ox, count_x, tx, tw = _affected(value.x0, pw, out_w, eff[1], stride[1], padding[1])
         if self._too_big(count_y, count_x, out_h, out_w):
             return None
-        windows = _read(base_in, value, ty, tx, th, tw, fill)
+        if (th, tw) == value.size and np.array_equal(ty, value.y0) and np.array_equal(tx, value.x0):
+            windows = value.values  # the window is the changed region itself (1x1 convolutions)
+        elif _is_pointwise_conv(module) and stride != (1, 1):
+            # A strided 1x1 convolution (a ResNet shortcut) needs every s-th position only.
+            sampled = _read(base_in, value, ty, tx, count_y, count_x, fill, step=stride)
+            return Patched(self._in_best_layout(node, _Windowed(module, kernel, (1, 1), dilation), sampled), oy, ox)
+        else:
+            windows = _read(base_in, value, ty, tx, th, tw, fill)
         return Patched(self._in_best_layout(node, _Windowed(module, kernel, stride, dilation), windows), oy, ox)
 
     def _elementwise(self, op, node: fx.Node, values: dict) -> Patched | None:
