@@ -37,6 +37,7 @@ back to a plain batched forward.
 from __future__ import annotations
 
 import copy
+import functools
 import operator
 import time
 from dataclasses import dataclass
@@ -140,6 +141,33 @@ def _rows(x: Tensor) -> Tensor:
 _FEW_CHANNELS = 16
 
 
+@functools.lru_cache(maxsize=512)
+def _read_plan(height: int, width: int, ty: bytes, tx: bytes, th: int, tw: int, step: tuple[int, int], patch_key):
+    """Index bookkeeping of one window read, which depends on positions only, so each sweep of
+    the same occluder grid (every image of a run) reuses it: (padding, map index, patch target
+    and source indices or None)."""
+    ty, tx = np.frombuffer(ty, dtype=np.int64), np.frombuffer(tx, dtype=np.int64)
+    pad_t, pad_l = max(0, -int(ty.min())), max(0, -int(tx.min()))
+    pad_b = max(0, int(ty.max()) + (th - 1) * step[0] + 1 - height)
+    pad_r = max(0, int(tx.max()) + (tw - 1) * step[1] + 1 - width)
+    padded_w = width + pad_l + pad_r
+    rows = (ty + pad_t)[:, None] + step[0] * np.arange(th)  # [B, th] in the padded map
+    cols = (tx + pad_l)[:, None] + step[1] * np.arange(tw)
+    index = torch.from_numpy((rows[:, :, None] * padded_w + cols[:, None, :]).reshape(-1))  # [B*th*tw]
+    if patch_key is None:
+        return (pad_t, pad_b, pad_l, pad_r), index, None, None
+    y0, x0, ph, pw = np.frombuffer(patch_key[0], dtype=np.int64), np.frombuffer(patch_key[1], dtype=np.int64), *patch_key[2:]
+    prow = rows - pad_t - y0[:, None]  # row inside the patch, [B, th]
+    pcol = cols - pad_l - x0[:, None]
+    inside = (((prow >= 0) & (prow < ph))[:, :, None] & ((pcol >= 0) & (pcol < pw))[:, None, :]).reshape(-1)
+    target = np.flatnonzero(inside)
+    source = None
+    if len(target) != len(ty) * ph * pw:  # the window cuts the patch: take the part inside
+        batch = np.arange(len(ty))[:, None, None]
+        source = torch.from_numpy(((batch * ph + prow[:, :, None]) * pw + pcol[:, None, :]).reshape(-1)[target])
+    return (pad_t, pad_b, pad_l, pad_r), index, torch.from_numpy(target), source
+
+
 def _read(
     base: Tensor, patch: Patched | None, ty: np.ndarray, tx: np.ndarray, th: int, tw: int, fill: float, step=(1, 1)
 ) -> Tensor:
@@ -152,36 +180,24 @@ def _read(
     channel instead: copies of a few floats at a time are slow).
     """
     _, channels, height, width = base.shape
-    pad_t, pad_l = max(0, -int(ty.min())), max(0, -int(tx.min()))
-    pad_b = max(0, int(ty.max()) + (th - 1) * step[0] + 1 - height)
-    pad_r = max(0, int(tx.max()) + (tw - 1) * step[1] + 1 - width)
+    patch_key = None if patch is None else (patch.y0.tobytes(), patch.x0.tobytes(), *patch.size)
+    (pad_t, pad_b, pad_l, pad_r), index, target, source = _read_plan(
+        height, width, _host(ty).tobytes(), _host(tx).tobytes(), th, tw, tuple(step), patch_key
+    )
     grid = base[0].permute(1, 2, 0)  # [H, W, C]
     if pad_t or pad_l or pad_b or pad_r:
         grid = F.pad(grid, (0, 0, pad_l, pad_r, pad_t, pad_b), value=fill)
-    padded_w = grid.shape[1]
-    rows = (ty + pad_t)[:, None] + step[0] * np.arange(th)  # [B, th] in the padded map
-    cols = (tx + pad_l)[:, None] + step[1] * np.arange(tw)
-    index = _index(rows[:, :, None] * padded_w + cols[:, None, :], base)  # [B*th*tw]
     few = channels < _FEW_CHANNELS
+    dim = 1 if few else 0
     if few:
-        out = grid.permute(2, 0, 1).reshape(channels, -1).index_select(1, index)  # [C, B*th*tw]
+        out = grid.permute(2, 0, 1).reshape(channels, -1).index_select(1, index.to(base.device))  # [C, B*th*tw]
     else:
-        out = grid.reshape(-1, channels).index_select(0, index)  # [B*th*tw, C]
+        out = grid.reshape(-1, channels).index_select(0, index.to(base.device))  # [B*th*tw, C]
     if patch is not None:
-        ph, pw = patch.size
-        prow = rows - pad_t - patch.y0[:, None]  # row inside the patch, [B, th]
-        pcol = cols - pad_l - patch.x0[:, None]
-        inside = (((prow >= 0) & (prow < ph))[:, :, None] & ((pcol >= 0) & (pcol < pw))[:, None, :]).reshape(-1)
-        target = np.flatnonzero(inside)
-        if few:
-            changed = patch.values.permute(1, 0, 2, 3).reshape(channels, -1)
-        else:
-            changed = _rows(patch.values)
-        if len(target) != changed.shape[-1 if few else 0]:  # the window cuts the patch: take the part inside
-            batch = np.arange(len(ty))[:, None, None]
-            source = ((batch * ph + prow[:, :, None]) * pw + pcol[:, None, :]).reshape(-1)[target]
-            changed = changed.index_select(1 if few else 0, _index(source, base))
-        out.index_copy_(1 if few else 0, _index(target, base), changed)
+        changed = patch.values.permute(1, 0, 2, 3).reshape(channels, -1) if few else _rows(patch.values)
+        if source is not None:
+            changed = changed.index_select(dim, source.to(base.device))
+        out.index_copy_(dim, target.to(base.device), changed)
     if few:
         return out.view(channels, len(ty), th, tw).transpose(0, 1)
     return out.view(len(ty), th, tw, channels).permute(0, 3, 1, 2)
@@ -307,6 +323,19 @@ class _Windowed:
         return F.avg_pool2d(x, self.kernel, self.stride, 0)
 
 
+def _elementwise_op(target, a, b, private: list[bool]):
+    """a (op) b for an add/mul/sub node, in place into a fresh operand of the result's shape."""
+    op = _BINARY_FUNCTIONS.get(target) or _BINARY_METHODS[target]
+    in_place = _IN_PLACE.get(op)
+    if in_place is not None and isinstance(a, Tensor) and isinstance(b, Tensor):
+        shape = torch.broadcast_shapes(a.shape, b.shape)
+        if private[0] and a.shape == shape:
+            return getattr(a, in_place)(b)
+        if in_place in _COMMUTATIVE and private[1] and b.shape == shape:
+            return getattr(b, in_place)(a)
+    return op(a, b)
+
+
 def _is_pointwise_conv(module: nn.Module) -> bool:
     """A 1x1 convolution without padding, dilation or groups: a matrix product at each position."""
     return (
@@ -332,6 +361,13 @@ def _pointwise_matmul(conv: nn.Conv2d, x: Tensor, stride=None) -> Tensor:
 
 
 _FLATTENS = {torch.flatten}
+# Modules that may return their input itself: their result is never overwritten in place.
+_PASS_THROUGH = (nn.Identity, nn.Dropout, nn.Dropout2d, nn.Flatten, nn.Unflatten)
+# Elementwise ops with an in-place form, used when the first operand (or, for the commutative
+# ones, the second) is a fresh tensor nobody else reads: one pass over memory less.
+_IN_PLACE = {operator.add: "add_", torch.add: "add_", operator.mul: "mul_", torch.mul: "mul_",
+             operator.sub: "sub_", torch.sub: "sub_"}
+_COMMUTATIVE = {"add_", "mul_"}
 _IDENTITY_IN_EVAL = (nn.Dropout, nn.Identity)
 
 
@@ -533,6 +569,20 @@ class IncrementalInference:
             for arg in node.all_input_nodes:
                 last_use[arg] = index
         keep = set(watch.values())
+        # A node's result may be overwritten in place by its consumer when that consumer is its
+        # only user and the node made a new tensor (not a view or its input passed through).
+        self._overwritable = {
+            node
+            for node in self.nodes
+            if len(node.users) == 1
+            and node not in keep
+            and next(iter(node.users)).op != "output"
+            and (
+                (node.op == "call_module" and not isinstance(self.modules[node.target], _PASS_THROUGH))
+                or (node.op == "call_function" and node.target in _BINARY_FUNCTIONS)
+                or (node.op == "call_method" and node.target in _BINARY_METHODS)
+            )
+        }
         self._free_after = [[] for _ in self.nodes]
         for node, index in last_use.items():
             if node not in keep:
@@ -610,6 +660,8 @@ class IncrementalInference:
             source = node.args[0]
             value = values[source] if isinstance(source, fx.Node) else None
             if isinstance(value, Patched) and len(node.args) == 1 and not node.kwargs:
+                if type(module) is nn.ReLU and source in self._overwritable:
+                    return Patched(torch.relu_(value.values), value.y0, value.x0)
                 if isinstance(module, _POINTWISE_MODULES):
                     return Patched(self._in_best_layout(node, module, value.values), value.y0, value.x0)
                 windowed = self._windowed(node, module, value, self.base[source], self.base[node])
@@ -636,12 +688,22 @@ class IncrementalInference:
         # Anything else sees whole maps: materialise every changed input and run the op as usual.
         args = fx.node.map_arg(node.args, lambda n: materialise(values[n], self.base[n], batch))
         kwargs = fx.node.map_arg(node.kwargs, lambda n: materialise(values[n], self.base[n], batch))
+        # Which arguments are ours to overwrite: just materialised, or fresh with no other reader.
+        private = [
+            isinstance(a, fx.Node)
+            and (isinstance(values[a], Patched) or (isinstance(values[a], Tensor) and a in self._overwritable))
+            for a in node.args
+        ]
         if node.op == "call_module" and len(args) == 1 and not kwargs and isinstance(args[0], Tensor):
+            if type(self.modules[node.target]) is nn.ReLU and private[0]:
+                return torch.relu_(args[0])
             return self._in_best_layout(node, self.modules[node.target], args[0])
         if binary is not None and len(args) == 2 and all(isinstance(a, Tensor) and a.ndim == 4 for a in args):
             # Elementwise ops on maps of two layouts run several times slower: align them first.
             layout = torch.channels_last if args[0].is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format
-            args = (args[0], args[1].contiguous(memory_format=layout))
+            aligned = args[1].contiguous(memory_format=layout)
+            private[1] = private[1] or aligned is not args[1]
+            return _elementwise_op(node.target, args[0], aligned, private)
         return self._call(node, args, kwargs)
 
     def _in_best_layout(self, node: fx.Node, fn, x: Tensor) -> Tensor:
@@ -754,14 +816,15 @@ class IncrementalInference:
         if self._too_big(h, w, out_h, out_w):
             return None
         y0, x0 = np.minimum(y0, out_h - h), np.minimum(x0, out_w - w)
-        args = []
-        for value, base in zip(operands, bases):
+        args, private = [], []
+        for arg, value, base in zip(node.args, operands, bases):
             if isinstance(value, Patched) and value.size == (h, w) and (value.y0 == y0).all() and (value.x0 == x0).all():
                 args.append(value.values)  # already the union's window (the ResNet branch that grew most)
-            elif isinstance(value, Patched):
-                args.append(_read(base, value, y0, x0, h, w, 0.0))
-            elif value is SAME:
-                args.append(_read(base, None, y0, x0, h, w, 0.0))
+                private.append(arg in self._overwritable)
+            elif isinstance(value, Patched) or value is SAME:
+                args.append(_read(base, value if isinstance(value, Patched) else None, y0, x0, h, w, 0.0))
+                private.append(True)
             else:
                 args.append(value)  # a scalar
-        return Patched(op(*args), y0, x0)
+                private.append(False)
+        return Patched(_elementwise_op(node.target, args[0], args[1], private), y0, x0)

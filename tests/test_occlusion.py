@@ -118,8 +118,9 @@ def test_sweep_agrees_with_a_plain_fp32_loop_per_position(models, image, name, m
 
 class Toy(nn.Module):
     """Every construct the engine handles: strided/dilated/padded convs, BatchNorm, ceil-mode
-    max-pool, average pool, residual sums (one through a strided 1x1 shortcut), a functional
-    ReLU, a scalar product, and a concatenation (an op it does not know: whole maps)."""
+    max-pool, average pool, residual sums (one through a strided 1x1 shortcut), functional and
+    in-place module ReLUs, a scalar product, and a concatenation (an op it does not know: whole
+    maps)."""
 
     def __init__(self):
         super().__init__()
@@ -130,13 +131,20 @@ class Toy(nn.Module):
         self.conv2 = nn.Conv2d(24, 16, 3, stride=2, padding=1)
         self.shortcut = nn.Conv2d(24, 16, 1, stride=2)
         self.avg = nn.AvgPool2d(2, stride=1)
+        self.relu = nn.ReLU(inplace=True)
+        self.mix = nn.Conv2d(24, 24, 1)
+        self.rectify = nn.ReLU()  # its input has a second reader: never overwritten in place
         self.head = nn.Linear(32 * 4 * 4, 5)
 
     def forward(self, x):
-        x = F.relu(self.bn1(self.conv1(x)))
+        x = self.relu(self.bn1(self.conv1(x)))
         x = self.pool(x)
         x = x + torch.relu(self.dilated(x)) * 0.5
-        y = self.avg(self.conv2(x) + self.shortcut(x))
+        mixed = self.mix(x)
+        x = x + self.rectify(mixed) - mixed * 0.25
+        main = self.conv2(x)
+        y = main + self.shortcut(x)
+        y = self.avg(self.relu((y + main) * 0.5 - self.rectify(y)))  # main and y are read twice
         y = torch.cat([y, y * 2.0], 1)
         return self.head(y.flatten(1))
 
@@ -156,7 +164,11 @@ def test_incremental_engine_equals_the_full_forward_on_every_construct(full_frac
     y0 = torch.tensor([0, 1, 3, 22, 25, 0, 13])
     x0 = torch.tensor([0, 25, 2, 0, 25, 14, 7])
     values = torch.randn(len(y0), 3, 7, 5)
+    cached = {node: value.clone() for node, value in engine.base.items() if isinstance(value, torch.Tensor)}
     logits, watched = engine.run(Patched(values, y0, x0))
+    # In-place work never touches the unoccluded image's cached maps, so a second run agrees.
+    assert all(torch.equal(engine.base[node], value) for node, value in cached.items())
+    assert torch.allclose(engine.run(Patched(values, y0, x0))[0], logits, rtol=1e-5, atol=1e-5)
     occluded = image.repeat(len(y0), 1, 1, 1)
     for b, (y, x) in enumerate(zip(y0.tolist(), x0.tolist())):
         occluded[b, :, y : y + 7, x : x + 5] = values[b]
