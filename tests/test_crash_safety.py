@@ -31,7 +31,7 @@ def test_a_study_job_killed_mid_run_is_rerun_not_trusted(smoke_run, tmp_path):
     log.unlink()
     exe = Path(sys.executable).with_name("snakemake")
     proc = subprocess.Popen(
-        [str(exe), "--cores", "1", "--configfile", "configs/smoke.yaml", "--forcerun", "top9", target],
+        [str(exe), target, "--cores", "1", "--configfile", "configs/smoke.yaml", "--forcerun", "top9"],
         cwd=workdir,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
@@ -39,19 +39,18 @@ def test_a_study_job_killed_mid_run_is_rerun_not_trusted(smoke_run, tmp_path):
     )
     try:
         deadline = time.time() + 180
-        # Kill once the job is half done: some layer figures written, the tables not yet.
-        figures = workdir / "results/top9/zfnet/figures"
-        while time.time() < deadline and not (figures.exists() and any(figures.glob("*.png"))):
-            time.sleep(0.1)
-        assert figures.exists(), "the top9 job never got to its figures"
+        # Kill once the job is half done: some layers projected, the tables not yet written.
+        while time.time() < deadline and "conv2: projected" not in (log.read_text() if log.exists() else ""):
+            time.sleep(0.05)
+        assert log.exists() and "conv2: projected" in log.read_text(), "the top9 job never got to its second layer"
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
     out = workdir / "results/top9/zfnet"
     assert not (out / "top9.parquet").exists() and not (out / "top9_arrays.npz").exists()
     shutil.rmtree(workdir / ".snakemake/locks", ignore_errors=True)  # a killed Snakemake leaves its lock
-    dry = snakemake(workdir, "-n", "--configfile", "configs/smoke.yaml", target)
+    dry = snakemake(workdir, target, "-n", "--configfile", "configs/smoke.yaml")
     assert re.search(r"(local)?rule top9:", dry.stdout), dry.stdout
-    snakemake(workdir, "--cores", "1", "--configfile", "configs/smoke.yaml", target)
+    snakemake(workdir, target, "--cores", "1", "--configfile", "configs/smoke.yaml")
     assert (out / "top9.parquet").exists() and "per-image view" in log.read_text()
     assert sorted(p.name for p in (out / "figures").glob("*.png")) == sorted(f"{layer}.png" for layer in ZFNET_LAYERS)

@@ -30,12 +30,12 @@ def test_same_seed_gives_identical_tables_and_another_seed_does_not(smoke_run, t
     studies = {p.parts[1] for p in tables}
     assert {"data", "models", "top9", "evolution"} <= studies, studies
     again = copy_workflow(tmp_path / "again")
-    snakemake(again, "--cores", "2", "--configfile", "configs/smoke.yaml", *map(str, tables))
+    snakemake(again, *map(str, tables), "--cores", "2", "--configfile", "configs/smoke.yaml")
     for table in tables:
         pd.testing.assert_frame_equal(
             timeless(pd.read_parquet(again / table)), timeless(pd.read_parquet(smoke_run / table)), check_exact=True, obj=str(table)
         )
     other = copy_workflow(tmp_path / "other")
     history = f"results/models/{MODEL}/history.parquet"
-    snakemake(other, "--cores", "2", "--configfile", "configs/smoke.yaml", "--config", "seed=1", history)
+    snakemake(other, history, "--cores", "2", "--configfile", "configs/smoke.yaml", "--config", "seed=1")
     assert not timeless(pd.read_parquet(other / history)).equals(timeless(pd.read_parquet(smoke_run / history)))
