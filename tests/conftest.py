@@ -35,10 +35,41 @@ def copy_workflow(dest: Path) -> Path:
     return dest
 
 
-def snakemake(workdir: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
-    """Run the venv's Snakemake in ``workdir``; output captured for assertions."""
-    exe = Path(sys.executable).with_name("snakemake")
+def _without_scontrol() -> Path:
+    """A folder whose ``scontrol`` fails at once, to put first on PATH for local runs.
+
+    Importing Snakemake loads the SLURM executor plugin, which asks ``scontrol show config`` for
+    MinJobAge. Where SLURM's client is installed but no controller runs (this machine between
+    ``make test-slurm`` runs), that call waits 9 s, once per Snakemake process: more than the
+    work of a dry run. Local runs never need the answer.
+    """
+    shim = Path(os.environ.get("TMPDIR", "/tmp")) / f"convviz-no-scontrol-{os.getuid()}"
+    script = shim / "scontrol"
+    if not script.exists():
+        shim.mkdir(exist_ok=True)
+        tmp = shim / f".scontrol.{os.getpid()}"
+        tmp.write_text("#!/bin/sh\nexit 1\n")
+        tmp.chmod(0o755)
+        tmp.replace(script)
+    return shim
+
+
+def snakemake_env(slurm: bool = False) -> dict[str, str]:
+    """The environment for a Snakemake process: unbuffered, and for local runs (``slurm`` false)
+    a PATH whose ``scontrol`` fails fast."""
     env = dict(os.environ, PYTHONUNBUFFERED="1")
+    if not slurm:
+        env["PATH"] = f"{_without_scontrol()}{os.pathsep}{env.get('PATH', '')}"
+    return env
+
+
+def snakemake(workdir: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    """Run the venv's Snakemake in ``workdir``; output captured for assertions.
+
+    Runs that do not use the SLURM profile get a PATH whose ``scontrol`` fails fast (see
+    ``_without_scontrol``)."""
+    exe = Path(sys.executable).with_name("snakemake")
+    env = snakemake_env(slurm=any("profiles/slurm" in a for a in args))
     proc = subprocess.run([str(exe), *args], cwd=workdir, capture_output=True, text=True, env=env)
     if check and proc.returncode != 0:
         raise AssertionError(f"snakemake {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import snakemake
+from conftest import snakemake, snakemake_env
 from convviz.layer_names import ANALYSIS_LAYERS
 
 ZFNET_LAYERS = list(ANALYSIS_LAYERS["zfnet"])
@@ -33,6 +33,7 @@ def test_a_study_job_killed_mid_run_is_rerun_not_trusted(smoke_run, tmp_path):
     proc = subprocess.Popen(
         [str(exe), target, "--cores", "1", "--configfile", "configs/smoke.yaml", "--forcerun", "top9"],
         cwd=workdir,
+        env=snakemake_env(),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
         start_new_session=True,
