@@ -15,7 +15,7 @@ in one process on the same data. Goal: ours at least 5x faster on CPU (10x on CU
 
     .venv/bin/python benchmarks/projection_speed.py [--device cpu|cuda] [--models lenet ...]
         [--maps 64] [--images 300] [--threads 2]
-Results go to benchmarks/results/projection_speed_<device>.json.
+Results go to results/benchmarks/projection_speed_<device>.json (the report's benchmarks section shows them).
 """
 
 from __future__ import annotations
@@ -104,7 +104,7 @@ def main() -> None:
     device = torch.device(args.device)
     images = torch.randn(args.images, 3, 64, 64, generator=torch.Generator().manual_seed(0)).to(device)
     rows = []
-    out_path = Path(__file__).resolve().parent / "results" / f"projection_speed_{device.type}.json"
+    out_path = Path(__file__).resolve().parent.parent / "results" / "benchmarks" / f"projection_speed_{device.type}.json"
     for name in args.models:
         model, weights = load_model(name, device)
         layer = LAYER[name]
