@@ -504,7 +504,7 @@ def _json_benchmark(path: Path) -> str:
     data = json.loads(path.read_text())
     when = time.strftime("%Y-%m-%d %H:%M", time.localtime(path.stat().st_mtime))
     scalars = {k: v for k, v in data.items() if not isinstance(v, (list, dict))}
-    body = f"<h4>{esc(path.name)}</h4><p class='note'>written {when} by benchmarks/{esc(path.stem)}.py</p>"
+    body = f"<h4>{esc(path.name)}</h4><p class='note'>written {when} by a script in benchmarks/</p>"
     if scalars:
         body += table(pd.DataFrame([{k: json.dumps(v) if isinstance(v, bool) else v for k, v in scalars.items()}]))
     rows = data.get("rows")
