@@ -474,3 +474,15 @@ def test_imagenet_devkit_without_scipy_asks_for_scipy(tmp_path):
     with pytest.raises(DatasetError, match="scipy") as err:
         export("imagenet", root, tmp_path / "out")
     assert str(root / "meta.bin") in str(err.value)
+
+
+def test_parts_table_naming_an_unknown_image_is_refused_naming_the_file(tmp_path, tiny_dataset):
+    """A parts.parquet row for an image the manifest does not hold stops loading, naming the file."""
+    import shutil
+
+    data = Path(shutil.copytree(tiny_dataset, tmp_path / "data"))
+    parts = pd.read_parquet(data / "parts.parquet")
+    stray = parts.iloc[[0]].assign(image_id="no_such_image")
+    pd.concat([parts, stray]).to_parquet(data / "parts.parquet")
+    with pytest.raises(DatasetError, match=r"parts\.parquet.*not in the manifest.*no_such_image"):
+        read_dataset(data)
