@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -338,8 +339,6 @@ def test_voc_missing_split_file_is_named(tmp_path):
 
 def test_imagenet_missing_train_folder_and_archive_is_named(tmp_path):
     root = imagenet_tree(tmp_path / "imagenet")
-    import shutil
-
     shutil.rmtree(root / "train")
     with pytest.raises(DatasetError, match="ILSVRC2012_img_train.tar") as err:
         export("imagenet", root, tmp_path / "out")
@@ -478,8 +477,6 @@ def test_imagenet_devkit_without_scipy_asks_for_scipy(tmp_path):
 
 def test_parts_table_naming_an_unknown_image_is_refused_naming_the_file(tmp_path, tiny_dataset):
     """A parts.parquet row for an image the manifest does not hold stops loading, naming the file."""
-    import shutil
-
     data = Path(shutil.copytree(tiny_dataset, tmp_path / "data"))
     parts = pd.read_parquet(data / "parts.parquet")
     stray = parts.iloc[[0]].assign(image_id="no_such_image")
