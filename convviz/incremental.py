@@ -26,8 +26,11 @@ the engine runs them faster than the model's own forward, again exactly up to ro
 BatchNorm is folded into the convolution before it; an AdaptiveAvgPool2d that only repeats a
 smaller map (AlexNet's 6x6 pool at 64 px) is folded into the Linear after it; convolutions on
 maps of at most 9 positions skip their padding taps (`SmallMapConv`); and each conv/pool layer
-runs channels-last, in the usual layout, or (1x1 convolutions) as one matrix product, whichever
-the first batch measured fastest on this machine.
+runs channels-last, in the usual layout, (1x1 convolutions) as one matrix product, or (on maps
+of at most 100 positions) as one product per kernel tap over just the outputs that tap reaches
+(`TapConv`), whichever the first batch measured fastest on this machine. Window reads and
+materialised maps are written into buffers kept from one batch to the next (a fresh
+multi-megabyte tensor costs a page fault per 4 KiB the first time it is written).
 
 The network is traced with torch.fx (any module-built CNN: the plain stacks and ResNets);
 `IncrementalInference.unsupported(model)` says why tracing fails, if it does, so callers can fall
@@ -38,6 +41,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import itertools
 import operator
 import time
 from dataclasses import dataclass
@@ -169,7 +173,8 @@ def _read_plan(height: int, width: int, ty: bytes, tx: bytes, th: int, tw: int, 
 
 
 def _read(
-    base: Tensor, patch: Patched | None, ty: np.ndarray, tx: np.ndarray, th: int, tw: int, fill: float, step=(1, 1)
+    base: Tensor, patch: Patched | None, ty: np.ndarray, tx: np.ndarray, th: int, tw: int, fill: float, step=(1, 1),
+    scratch=None,
 ) -> Tensor:
     """Windows [B, C, th, tw] at (ty, tx) of the map `base` [1, C, H, W] with `patch` laid over it;
     with step (sy, sx), every sy-th row and sx-th column from (ty, tx) on.
@@ -177,7 +182,8 @@ def _read(
     Rows/columns outside the map (a layer's padding) read `fill`. The windows are one
     `index_select` of whole channel vectors of the map (a row copy per position), then the
     patch's vectors are copied over them (with few channels, as in the input image, both go per
-    channel instead: copies of a few floats at a time are slow).
+    channel instead: copies of a few floats at a time are slow). scratch(shape): where to
+    write the windows (a buffer reused from the previous batch; fresh when None).
     """
     _, channels, height, width = base.shape
     patch_key = None if patch is None else (patch.y0.tobytes(), patch.x0.tobytes(), *patch.size)
@@ -192,7 +198,10 @@ def _read(
     if few:
         out = grid.permute(2, 0, 1).reshape(channels, -1).index_select(1, index.to(base.device))  # [C, B*th*tw]
     else:
-        out = grid.reshape(-1, channels).index_select(0, index.to(base.device))  # [B*th*tw, C]
+        rows = (len(index), channels)
+        out = torch.index_select(  # [B*th*tw, C]
+            grid.reshape(-1, channels), 0, index.to(base.device), out=None if scratch is None else scratch(rows)
+        )
     if patch is not None:
         changed = patch.values.permute(1, 0, 2, 3).reshape(channels, -1) if few else _rows(patch.values)
         if source is not None:
@@ -203,15 +212,17 @@ def _read(
     return out.view(len(ty), th, tw, channels).permute(0, 3, 1, 2)
 
 
-def materialise(value, base: Tensor, batch: int) -> Tensor:
-    """The whole maps [B, ...] of a Patched value (or SAME, or a tensor, returned as is)."""
+def materialise(value, base: Tensor, batch: int, scratch=None) -> Tensor:
+    """The whole maps [B, ...] of a Patched value (or SAME, or a tensor, returned as is);
+    scratch(shape): where to write them (a buffer reused from the previous batch)."""
     if isinstance(value, Tensor):
         return value
     if value is SAME:
         return base.expand(batch, *base.shape[1:])
     _, channels, height, width = base.shape
     num = len(value.y0)
-    full = base.permute(0, 2, 3, 1).expand(num, height, width, channels).contiguous()  # [B, H, W, C]
+    spread = base.permute(0, 2, 3, 1).expand(num, height, width, channels)
+    full = spread.contiguous() if scratch is None else scratch(spread.shape).copy_(spread)  # [B, H, W, C]
     ph, pw = value.size
     rows = value.y0[:, None] + np.arange(ph)
     cols = value.x0[:, None] + np.arange(pw)
@@ -461,6 +472,7 @@ class SmallMapConv(nn.Module):
             self.rows.append((r0, r1))
         bias = conv.bias.detach() if conv.bias is not None else weight.new_zeros(cout)
         self.register_buffer("bias", bias.repeat(out_w))  # [Wout*Cout], ordered (ox, cout)
+        self.taps = TapConv(conv, in_hw, out_hw)  # the same convolution tap by tap: faster on some maps
 
     def forward(self, x: Tensor) -> Tensor:
         batch = x.shape[0]
@@ -473,6 +485,66 @@ class SmallMapConv(nn.Module):
             1,
         )  # [B, Hout, Wout*Cout]
         return out.view(batch, *self.out_hw, self.out_channels).permute(0, 3, 1, 2)
+
+
+class TapConv(nn.Module):
+    """A zero-padded Conv2d on a small map as one matrix product per kernel tap, each over only
+    the outputs whose input for that tap lies inside the map (exact algebra, up to rounding).
+
+    A 3x3 convolution with padding 1 on a 4x4 map spends 44 of its 144 taps per channel pair on
+    padding; strided, on ResNet-50's layer4 entry (4x4 -> 2x2), 11 of 36. Tap (ky, kx) reads a
+    strided block of the channels-last input and adds its product with W[:, :, ky, kx] into the
+    block of outputs it reaches; the tap that reaches every output starts the sum, with the bias.
+    """
+
+    def __init__(self, conv: nn.Conv2d, in_hw: tuple[int, int], out_hw: tuple[int, int]) -> None:
+        super().__init__()
+        (kh, kw), stride = _pair(conv.kernel_size), _pair(conv.stride)
+        padding, dilation = _pair(conv.padding), _pair(conv.dilation)
+        weight = conv.weight.detach()  # [Cout, Cin, kh, kw]
+        self.out_hw, self.stride = tuple(out_hw), stride
+        taps = []
+        for ky in range(kh):
+            for kx in range(kw):
+                spans = [
+                    _tap_span(k, s, p, d, n_in, n_out)
+                    for k, s, p, d, n_in, n_out in zip((ky, kx), stride, padding, dilation, in_hw, out_hw)
+                ]
+                if None not in spans:
+                    taps.append((spans[0], spans[1], weight[:, :, ky, kx].t().contiguous()))
+        taps.sort(key=lambda t: -(t[0][1] - t[0][0]) * (t[1][1] - t[1][0]))  # the widest first
+        self.plan = [(rows, cols) for rows, cols, _ in taps]
+        for index, (_, _, matrix) in enumerate(taps):
+            self.register_buffer(f"tap{index}", matrix)  # [Cin, Cout]
+        self.register_buffer("bias", conv.bias.detach() if conv.bias is not None else weight.new_zeros(weight.shape[0]))
+        (oy0, oy1, _), (ox0, ox1, _) = self.plan[0]
+        self.first_covers_all = (oy0, oy1, ox0, ox1) == (0, out_hw[0], 0, out_hw[1])
+
+    def forward(self, x: Tensor) -> Tensor:
+        batch, channels = x.shape[:2]
+        grid = x.permute(0, 2, 3, 1)  # [B, H, W, Cin]: a view when x is channels-last
+        (sy, sx), (out_h, out_w) = self.stride, self.out_hw
+        out = None
+        for index, ((oy0, oy1, iy0), (ox0, ox1, ix0)) in enumerate(self.plan):
+            ny, nx = oy1 - oy0, ox1 - ox0
+            block = grid[:, iy0 : iy0 + (ny - 1) * sy + 1 : sy, ix0 : ix0 + (nx - 1) * sx + 1 : sx].reshape(-1, channels)
+            matrix = getattr(self, f"tap{index}")
+            if out is None and self.first_covers_all:
+                out = torch.addmm(self.bias, block, matrix).view(batch, out_h, out_w, -1)
+                continue
+            if out is None:
+                out = self.bias.expand(batch, out_h, out_w, -1).contiguous()
+            out[:, oy0:oy1, ox0:ox1] += (block @ matrix).view(batch, ny, nx, -1)
+        return out.permute(0, 3, 1, 2)
+
+
+def _tap_span(k: int, stride: int, pad: int, dilation: int, size_in: int, size_out: int):
+    """Along one axis: (first output, end output, first input row) of the outputs whose input for
+    kernel tap k lies inside the map, or None when there are none."""
+    inside = [o for o in range(size_out) if 0 <= o * stride - pad + k * dilation < size_in]
+    if not inside:
+        return None
+    return inside[0], inside[-1] + 1, inside[0] * stride - pad + k * dilation
 
 
 def _small_map_convs(gm: fx.GraphModule, max_positions: int = 9) -> int:
@@ -547,6 +619,10 @@ class IncrementalInference:
         self.fold = fold
         self.tune_layout = tune_layout
         self._layouts: dict[fx.Node, str] = {}
+        # Window reads and whole maps are written into buffers kept from one batch to the next:
+        # fresh multi-megabyte tensors cost a page fault per 4 KiB on first touch.
+        self._scratch: dict[tuple, Tensor] = {}
+        self._taps: dict[fx.Node, TapConv | None] = {}
         self.input_shape: tuple[int, ...] | None = None
         self.base: dict[fx.Node, object] | None = None
 
@@ -562,6 +638,8 @@ class IncrementalInference:
             _small_map_convs(gm)
         self.gm, self.watch = gm, watch
         self._layouts = {}
+        self._scratch = {}
+        self._taps: dict[fx.Node, TapConv | None] = {}
         self.nodes = list(gm.graph.nodes)
         self.modules = dict(gm.named_modules())
         last_use: dict[fx.Node, int] = {}
@@ -648,7 +726,31 @@ class IncrementalInference:
                 values[node] = self._step(node, values, batch)
             for done in self._free_after[index]:
                 values.pop(done, None)
-        return output, {name: values[node] for name, node in self.watch.items()}
+        watched = {name: self._own(values[node]) for name, node in self.watch.items()}
+        return fx.node.map_aggregate(output, self._own), watched
+
+    def _scratch_for(self, key: tuple, like: Tensor):
+        """shape -> a tensor of that shape in the buffer kept for `key` (a read or materialise
+        site), grown when a batch needs more; the next batch overwrites it."""
+
+        def get(shape) -> Tensor:
+            numel = int(np.prod(shape))
+            buffer = self._scratch.get(key)
+            if buffer is None or buffer.numel() < numel or buffer.dtype != like.dtype or buffer.device != like.device:
+                buffer = self._scratch[key] = torch.empty(numel, dtype=like.dtype, device=like.device)
+            return buffer[:numel].view(tuple(shape))
+
+        return get
+
+    def _own(self, value):
+        """A value handed to the caller, copied out of the scratch buffers the next batch reuses."""
+        tensor = value.values if isinstance(value, Patched) else value
+        if not isinstance(tensor, Tensor) or not self._scratch:
+            return value
+        storage = tensor.untyped_storage().data_ptr()
+        if not any(buffer.untyped_storage().data_ptr() == storage for buffer in self._scratch.values()):
+            return value
+        return Patched(tensor.clone(), value.y0, value.x0) if isinstance(value, Patched) else tensor.clone()
 
     def _step(self, node: fx.Node, values: dict, batch: int):
         """One node of the occluded forward: Patched where the op allows, whole maps otherwise."""
@@ -686,7 +788,11 @@ class IncrementalInference:
             if combined is not None:
                 return combined
         # Anything else sees whole maps: materialise every changed input and run the op as usual.
-        args = fx.node.map_arg(node.args, lambda n: materialise(values[n], self.base[n], batch))
+        sites = itertools.count()
+        args = fx.node.map_arg(
+            node.args,
+            lambda n: materialise(values[n], self.base[n], batch, self._scratch_for((node, next(sites)), self.base[n])),
+        )
         kwargs = fx.node.map_arg(node.kwargs, lambda n: materialise(values[n], self.base[n], batch))
         # Which arguments are ours to overwrite: just materialised, or fresh with no other reader.
         private = [
@@ -722,6 +828,9 @@ class IncrementalInference:
         if _is_pointwise_conv(module):
             stride = fn.stride if isinstance(fn, _Windowed) else None
             ways["matmul"] = lambda t: _pointwise_matmul(module, t, stride)
+        taps = self._tap_conv(node, module, x) if fn is module else None
+        if taps is not None:
+            ways["taps"] = lambda t: taps(t.contiguous(memory_format=torch.channels_last))
         chosen = self._layouts.get(node)
         if chosen in ways:
             return ways[chosen](x)
@@ -737,6 +846,33 @@ class IncrementalInference:
             seconds[name] = min(seconds.get(name, float("inf")), time.perf_counter() - tic)
         self._layouts[node] = min(seconds, key=seconds.get)
         return out
+
+    def _tap_conv(self, node: fx.Node, module: nn.Module, x: Tensor) -> TapConv | None:
+        """The TapConv form of a whole-map convolution on a small map (at most 100 positions),
+        built once per node; None where it does not apply."""
+        if isinstance(module, SmallMapConv):
+            return module.taps
+        if node in self._taps:
+            return self._taps[node]
+        taps = None
+        height, width = x.shape[-2:]
+        if (
+            type(module) is nn.Conv2d
+            and module.groups == 1
+            and module.padding_mode == "zeros"
+            and not isinstance(module.padding, str)
+            and _pair(module.kernel_size) != (1, 1)
+            and height * width <= 100
+        ):
+            out_hw = tuple(
+                (n + 2 * p - d * (k - 1) - 1) // s + 1
+                for n, p, d, k, s in zip(
+                    (height, width), _pair(module.padding), _pair(module.dilation), _pair(module.kernel_size), _pair(module.stride)
+                )
+            )
+            taps = TapConv(module, (height, width), out_hw).to(x.device)
+        self._taps[node] = taps
+        return taps
 
     def _call(self, node: fx.Node, args, kwargs):
         """The node's own operation on concrete arguments (in-place forms run out of place)."""
@@ -791,10 +927,11 @@ class IncrementalInference:
             windows = value.values  # the window is the changed region itself (1x1 convolutions)
         elif _is_pointwise_conv(module) and stride != (1, 1):
             # A strided 1x1 convolution (a ResNet shortcut) needs every s-th position only.
-            sampled = _read(base_in, value, ty, tx, count_y, count_x, fill, step=stride)
+            sampled = _read(base_in, value, ty, tx, count_y, count_x, fill, step=stride,
+                            scratch=self._scratch_for((node, "window"), base_in))
             return Patched(self._in_best_layout(node, _Windowed(module, kernel, (1, 1), dilation), sampled), oy, ox)
         else:
-            windows = _read(base_in, value, ty, tx, th, tw, fill)
+            windows = _read(base_in, value, ty, tx, th, tw, fill, scratch=self._scratch_for((node, "window"), base_in))
         return Patched(self._in_best_layout(node, _Windowed(module, kernel, stride, dilation), windows), oy, ox)
 
     def _elementwise(self, op, node: fx.Node, values: dict) -> Patched | None:
@@ -817,12 +954,13 @@ class IncrementalInference:
             return None
         y0, x0 = np.minimum(y0, out_h - h), np.minimum(x0, out_w - w)
         args, private = [], []
-        for arg, value, base in zip(node.args, operands, bases):
+        for site, (arg, value, base) in enumerate(zip(node.args, operands, bases)):
             if isinstance(value, Patched) and value.size == (h, w) and (value.y0 == y0).all() and (value.x0 == x0).all():
                 args.append(value.values)  # already the union's window (the ResNet branch that grew most)
                 private.append(arg in self._overwritable)
             elif isinstance(value, Patched) or value is SAME:
-                args.append(_read(base, value if isinstance(value, Patched) else None, y0, x0, h, w, 0.0))
+                scratch = self._scratch_for((node, site), base)
+                args.append(_read(base, value if isinstance(value, Patched) else None, y0, x0, h, w, 0.0, scratch=scratch))
                 private.append(True)
             else:
                 args.append(value)  # a scalar

@@ -169,6 +169,8 @@ def test_incremental_engine_equals_the_full_forward_on_every_construct(full_frac
     # In-place work never touches the unoccluded image's cached maps, so a second run agrees.
     assert all(torch.equal(engine.base[node], value) for node, value in cached.items())
     assert torch.allclose(engine.run(Patched(values, y0, x0))[0], logits, rtol=1e-5, atol=1e-5)
+    # Another batch reuses the engine's scratch buffers: what the first run returned must not change.
+    engine.run(Patched(torch.randn_like(values), y0, x0))
     occluded = image.repeat(len(y0), 1, 1, 1)
     for b, (y, x) in enumerate(zip(y0.tolist(), x0.tolist())):
         occluded[b, :, y : y + 7, x : x + 5] = values[b]
@@ -184,13 +186,17 @@ def test_incremental_engine_equals_the_full_forward_on_every_construct(full_frac
         assert torch.allclose(materialise(watched[name], base, len(y0)), hooked[path], atol=1e-5)
         assert torch.allclose(total_per_channel(watched[name], base), hooked[path].sum((2, 3)), rtol=1e-5, atol=1e-4)
     # Each way of running a layer (channels-last, usual layout, 1x1 convolution as a matrix
-    # product) gives the same numbers, whichever the timing picked above.
-    for way in ("channels_last", "contiguous", "matmul"):
+    # product, small-map convolution tap by tap) gives the same numbers, whichever the timing
+    # picked above.
+    for way in ("channels_last", "contiguous", "matmul", "taps"):
         engine._layouts = {node: way for node in engine.nodes if node.op == "call_module"}
         assert torch.allclose(engine.run(Patched(values, y0, x0))[0], reference, rtol=1e-5, atol=1e-5)
     if full_fraction == 1.0:
         # The early maps really are computed as windows (else this test would only check the fallback).
         assert isinstance(watched["pool"], Patched) and watched["pool"].size < tuple(hooked["pool"].shape[-2:])
+    else:
+        # ... and the 9x9 maps as whole maps, where the tap-by-tap form exists (else "taps" was not run).
+        assert any(taps is not None for taps in engine._taps.values())
 
 
 @pytest.mark.parametrize("channels", [3, 40])  # read per channel / per position
@@ -216,9 +222,10 @@ def test_window_reads_equal_slices_of_the_padded_patched_map(channels):
 
 @pytest.mark.parametrize(
     "kernel, stride, padding, dilation, in_hw",
-    [(3, 1, 1, 1, (3, 3)), (3, 1, 1, 1, (2, 2)), (3, 2, 1, 1, (4, 4)), (5, 1, 2, 1, (3, 2)), (3, 1, 2, 2, (3, 3))],
+    [(3, 1, 1, 1, (3, 3)), (3, 1, 1, 1, (2, 2)), (3, 2, 1, 1, (4, 4)), (5, 1, 2, 1, (3, 2)), (3, 1, 2, 2, (3, 3)),
+     (3, 1, 1, 1, (4, 4)), (2, 1, 1, 1, (2, 2))],  # ... no tap reaches every output of the last one
 )
-def test_small_map_convolution_equals_conv2d(kernel, stride, padding, dilation, in_hw):
+def test_small_map_convolutions_equal_conv2d(kernel, stride, padding, dilation, in_hw):
     from convviz.incremental import SmallMapConv
 
     torch.manual_seed(0)
@@ -229,6 +236,9 @@ def test_small_map_convolution_equals_conv2d(kernel, stride, padding, dilation, 
         small = SmallMapConv(conv, in_hw, tuple(expected.shape[-2:]))
         assert torch.allclose(small(x), expected, atol=1e-5)
         assert torch.allclose(small(x.contiguous(memory_format=torch.channels_last)), expected, atol=1e-5)
+        # The tap-by-tap form (TapConv), which SmallMapConv carries for the layout tuner.
+        assert torch.allclose(small.taps(x), expected, atol=1e-5)
+        assert torch.allclose(small.taps(x.contiguous(memory_format=torch.channels_last)), expected, atol=1e-5)
 
 
 def test_incremental_engine_leaves_the_model_untouched():
