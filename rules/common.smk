@@ -28,6 +28,18 @@ DATA = "results/data/source"
 TARGETS = transfer_targets(config)
 ENV = "../envs/convviz.yaml"
 
+# The GPU-able rules (train, top9, occlusion, transfer) claim one unit of the `gpu` resource when
+# this machine shows a GPU device, 0 otherwise (CPU-only machines run them side by side).
+# profiles/default offers one unit, so a workstation runs one GPU job at a time. The resource is
+# scoped local: a cluster run does not count it when submitting (each job gets its own GPU), and
+# profiles/slurm sets it to 1 for these rules, which the SLURM plugin turns into `--gpus=1`.
+GPU_DEVICES = ["/dev/nvidia0", "/dev/kfd"]
+LOCAL_GPU = int(any(os.path.exists(device) for device in GPU_DEVICES))
+
+
+resource_scopes:
+    gpu="local",
+
 
 wildcard_constraints:
     model="|".join(["lenet", "alexnet", "zfnet", "resnet50"]),

@@ -27,6 +27,7 @@ rule occlusion:
         settings=study_settings(config, "occlusion"),
     threads: config["analysis"]["threads"]
     resources:
+        gpu=LOCAL_GPU,
         mem_mb=4000,
         runtime=30,
     conda:

@@ -33,6 +33,7 @@ rule top9:
         settings=study_settings(config, "top9"),
     threads: config["analysis"]["threads"]
     resources:
+        gpu=LOCAL_GPU,
         mem_mb=6000,
         runtime=120,
     conda:

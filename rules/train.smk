@@ -29,6 +29,7 @@ rule train:
         resume="results/models/{model}/resume/last.pt",
     threads: lambda wc: train_settings(config, wc.model)["threads"]
     resources:
+        gpu=LOCAL_GPU,
         mem_mb=6000,
         runtime=240,
     conda:

@@ -45,6 +45,7 @@ rule transfer:
         train=lambda wc: train_settings(config, wc.model),
     threads: config["analysis"]["threads"]
     resources:
+        gpu=LOCAL_GPU,
         mem_mb=4000,
         runtime=60,
     conda:

@@ -28,7 +28,7 @@ import yaml
 from conftest import WORKFLOW_PARTS, snakemake
 
 pytestmark = pytest.mark.slurm
-PROFILE = ["--workflow-profile", "profiles/slurm"]
+PROFILE = ["--profile", "profiles/slurm"]  # as the README says (profiles/default joins it)
 # The plugin first polls 40 s after a submission (sensible on a busy cluster); the smoke jobs take
 # seconds, so poll after 2 s. Everything else comes from the profile as a user would run it.
 FAST_POLL = ["--slurm-init-seconds-before-status-checks", "2"]

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # A single-node SLURM cluster on this machine, for tests/test_slurm.py and for trying
-# `snakemake --workflow-profile profiles/slurm` without a real cluster.
+# `snakemake --profile profiles/slurm` without a real cluster.
 #
 # Installs Debian's packages (munge, slurmctld, slurmd, slurm-client, slurmdbd, MariaDB),
 # writes slurm.conf for this host with its real cores and memory (from `slurmd -C`), starts
