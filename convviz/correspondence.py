@@ -39,6 +39,7 @@ import pandas as pd
 import torch
 from torch import Tensor, nn
 
+from convviz import paper
 from convviz.analysis import load_for_analysis, open_split, resolve_device, seeded_sample, with_oom_retry
 from convviz.data.common import DatasetError, ImageDataset
 from convviz.features import forward_features
@@ -62,13 +63,8 @@ __all__ = [
 
 RANDOM = "random"
 OBJECT_PART = "object"
-# Table 1 (5 dog images): occluder -> {paper layer: (mean, std)}.
-PAPER_TABLE1 = {
-    "right_eye": {5: (0.067, 0.007), 7: (0.069, 0.015)},
-    "left_eye": {5: (0.069, 0.007), 7: (0.068, 0.013)},
-    "nose": {5: (0.079, 0.017), 7: (0.069, 0.011)},
-    RANDOM: {5: (0.107, 0.017), 7: (0.073, 0.014)},
-}
+# Table 1 (5 dog images): occluder -> {paper layer: (mean, std)}; RANDOM is its "random" row.
+PAPER_TABLE1 = paper.TABLE1
 COLUMNS = ["model", "layer", "occluder", "image_set", "draw", "delta", "images"]
 
 

@@ -40,6 +40,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from convviz import paper
 from convviz.analysis import load_for_analysis, open_split, resolve_device, write_npz
 from convviz.layer_features import extract_features
 from convviz.models.registry import get_spec
@@ -48,31 +49,23 @@ from convviz.probes import average_precision, fit_probe, mean_class_accuracy
 TRANSFER_COLUMNS = ["model", "target", "probe", "layer", "n_per_class", "split", "metric", "value"]
 WHOLE_NETWORK = "all"  # the `layer` of the from-scratch rows: every layer is trained
 
-# The paper's numbers (percent, mean and std over splits; std None where the paper gives none).
+# The paper's numbers (convviz.paper: percent, mean and std over splits), keyed the way our
+# tables are: probe "softmax" for pretrained features, "scratch" for the net trained from scratch.
 PAPER_ACCURACY = {  # (target, probe, n_per_class) -> (mean, std): Tables 4 and 5
-    ("caltech101", "softmax", 15): (83.8, 0.5),
-    ("caltech101", "softmax", 30): (86.5, 0.5),
-    ("caltech101", "scratch", 15): (22.8, 1.5),
-    ("caltech101", "scratch", 30): (46.5, 1.7),
-    ("caltech256", "softmax", 15): (65.7, 0.2),
-    ("caltech256", "softmax", 30): (70.6, 0.2),
-    ("caltech256", "softmax", 45): (72.7, 0.4),
-    ("caltech256", "softmax", 60): (74.2, 0.3),
-    ("caltech256", "scratch", 15): (9.0, 1.4),
-    ("caltech256", "scratch", 30): (22.5, 0.7),
-    ("caltech256", "scratch", 45): (31.2, 0.5),
-    ("caltech256", "scratch", 60): (38.8, 1.4),
+    (target, "softmax" if kind == "pretrained" else kind, shots): value
+    for target, (_, table) in paper.TRANSFER_TABLES.items()
+    for kind, by_shots in table.items()
+    for shots, value in by_shots.items()
 }
+_PAPER_LAYER = {1: "conv1", 2: "conv2", 3: "conv3", 4: "conv4", 5: "conv5", 7: "fc7"}
 PAPER_LAYERS = {  # (target, probe, layer) -> (mean, std): Table 7, Caltech-101 @30, Caltech-256 @60
-    ("caltech101", "softmax", "conv5"): (82.9, 0.4),
-    ("caltech101", "softmax", "fc7"): (85.4, 0.4),
-    ("caltech256", "softmax", "conv5"): (65.7, 0.5),
-    ("caltech256", "softmax", "fc7"): (72.6, 0.1),
-    **{("caltech101", "svm", layer): (v, None) for layer, v in zip(("conv1", "conv2", "conv3", "conv4", "conv5", "fc7"), (44.8, 66.2, 72.3, 76.6, 86.2, 85.5))},
-    **{("caltech256", "svm", layer): (v, None) for layer, v in zip(("conv1", "conv2", "conv3", "conv4", "conv5", "fc7"), (24.6, 39.6, 46.0, 51.3, 65.6, 71.7))},
+    (target, probe, _PAPER_LAYER[layer]): value
+    for target, table in paper.TABLE7.items()
+    for probe in ("softmax", "svm")
+    for layer, value in table[probe].items()
 }
-PAPER_LAYER_SHOTS = {"caltech101": 30, "caltech256": 60}
-PAPER_VOC_MAP = 79.0  # Table 6
+PAPER_LAYER_SHOTS = {target: table["shots"] for target, table in paper.TABLE7.items()}
+PAPER_VOC_MAP = paper.TABLE6_MEAN_AP  # Table 6
 
 
 # ------------------------------------------------------------------------- feature cache

@@ -11,6 +11,7 @@ rule report:
             "report/html.py",
             "report/inputs.py",
             "report/paper.py",
+            "paper.py",
             "report/sections.py",
             "report/units.py",
             "report/assets/page.html",

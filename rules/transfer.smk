@@ -58,7 +58,7 @@ rule transfer_summary:
     input:
         tables=expand("results/transfer/{target}/{model}/probes.parquet", target=TARGETS, model=MODELS),
         histories=expand("results/models/{model}/history.parquet", model=MODELS),
-        lib=lib("transfer_summary.py", "transfer.py"),
+        lib=lib("transfer_summary.py", "transfer.py", "paper.py"),
     output:
         table="results/transfer/transfer.parquet",
         accuracy="results/transfer/transfer_table.parquet",
