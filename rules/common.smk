@@ -17,6 +17,7 @@ from convviz.config import (
     transfer_targets,
     validate_config,
 )
+from convviz.machine import local_gpus
 
 # Our own check first: every problem at once, each naming its key. Then Snakemake's validate().
 validate_config(config, workflow.source_path("../schemas/config.schema.yaml"))
@@ -33,8 +34,7 @@ ENV = "../envs/convviz.yaml"
 # profiles/default offers one unit, so a workstation runs one GPU job at a time. The resource is
 # scoped local: a cluster run does not count it when submitting (each job gets its own GPU), and
 # profiles/slurm sets it to 1 for these rules, which the SLURM plugin turns into `--gpus=1`.
-GPU_DEVICES = ["/dev/nvidia0", "/dev/kfd"]
-LOCAL_GPU = int(any(os.path.exists(device) for device in GPU_DEVICES))
+LOCAL_GPU = local_gpus()
 
 
 resource_scopes:

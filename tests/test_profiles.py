@@ -75,9 +75,9 @@ def test_local_runs_claim_the_gpu_only_when_the_machine_shows_one(tmp_path):
     # The same workflow on a machine with a GPU: point the device check at a file that exists.
     fake_device = tmp_path / "nvidia0"
     fake_device.touch()
-    common = workdir / "rules/common.smk"
-    assert "/dev/nvidia0" in common.read_text()
-    common.write_text(common.read_text().replace("/dev/nvidia0", str(fake_device)))
+    machine = workdir / "convviz/machine.py"
+    assert "/dev/nvidia0" in machine.read_text()
+    machine.write_text(machine.read_text().replace("/dev/nvidia0", str(fake_device)))
     jobs = planned_gpus(workdir)
     assert {rule for rule, _ in jobs} & wanted, jobs
     for (rule, model), gpu in jobs.items():
