@@ -639,7 +639,7 @@ class IncrementalInference:
         self.gm, self.watch = gm, watch
         self._layouts = {}
         self._scratch = {}
-        self._taps: dict[fx.Node, TapConv | None] = {}
+        self._taps = {}
         self.nodes = list(gm.graph.nodes)
         self.modules = dict(gm.named_modules())
         last_use: dict[fx.Node, int] = {}

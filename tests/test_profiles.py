@@ -10,9 +10,9 @@ import pytest
 import yaml
 
 from conftest import ROOT, copy_workflow, snakemake
+from convviz.machine import GPU_DEVICE_FILES
 
 pytestmark = pytest.mark.workflow
-DEVICES = ["/dev/nvidia0", "/dev/kfd"]
 
 
 def profile(name: str) -> dict:
@@ -68,7 +68,7 @@ def test_cluster_runs_ask_for_a_gpu_exactly_for_the_gpu_able_rules(tmp_path, fla
 def test_local_runs_claim_the_gpu_only_when_the_machine_shows_one(tmp_path):
     workdir = copy_workflow(tmp_path / "wf")
     wanted = gpu_able_rules()
-    here = int(any(Path(d).exists() for d in DEVICES))
+    here = int(any(Path(d).exists() for d in GPU_DEVICE_FILES))
     for (rule, model), gpu in planned_gpus(workdir).items():
         assert gpu == (here if rule in wanted else 0), f"{rule} {model}: gpu={gpu} on this machine"
 
