@@ -17,9 +17,9 @@ Three measurements per model:
                     interleaved): the end-to-end figure, as noisy as the machine.
   cpu_time_ratio    the same whole passes in process CPU time (all threads): insensitive to
                     time spent waiting for a busy machine, but it counts threads spinning.
-Mining runs with mine_top9's default thread policy (`auto_mining_threads`: one thread for the
-mining ops when the machine is oversubscribed) unless --mining-threads says otherwise; each
-row records the load average, which decides it.
+Mining runs with mine_top9's default thread policy (`convviz.machine.busy_machine_threads`:
+one thread for the mining ops when the machine is oversubscribed) unless --mining-threads says
+otherwise; each row records the load average, which decides it.
 """
 
 from __future__ import annotations
@@ -37,7 +37,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from convviz.io import write_json  # noqa: E402
 from convviz.models.registry import build_model, resolve_layers  # noqa: E402
-from convviz.topk import LayerMiner, auto_mining_threads, mine_top9  # noqa: E402
+from convviz.machine import busy_machine_threads  # noqa: E402
+from convviz.topk import LayerMiner, mine_top9  # noqa: E402
 
 # As in config.yaml's `architecture` section.
 ARCH = {"lenet": {}, "alexnet": {"fc_width": 512}, "zfnet": {"fc_width": 512}, "resnet50": {}}
@@ -141,7 +142,7 @@ def measure(name: str, batches, dev, repeats: int, image_size: int) -> dict:
         "cpu_time_ratio": round(min(mine_cpu) / min(plain_cpu), 3),
         "meets_goal": ratio <= GOAL,
         "mining_threads": MINING_THREADS,
-        "auto_choice_now": auto_mining_threads(),
+        "auto_choice_now": busy_machine_threads(),
         "load_average_before_after": [load_before, _load()],
     }
 

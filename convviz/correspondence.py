@@ -42,7 +42,7 @@ from torch import Tensor, nn
 from convviz import paper
 from convviz.analysis import load_for_analysis, open_split, resolve_device, seeded_sample, with_oom_retry
 from convviz.data.common import DatasetError, ImageDataset
-from convviz.features import forward_features
+from convviz.layer_features import forward_features
 from convviz.models.registry import get_spec
 
 __all__ = [

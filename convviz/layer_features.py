@@ -1,5 +1,6 @@
-"""Frozen features of analysis layers: hooks that see every layer in one forward pass, and the
-fixed-size pooled vectors the transfer probes train on (Sec. 5.2, Table 7).
+"""Frozen features of analysis layers: hooks that see every layer in one forward pass, the
+flattened feature vectors of a batch (invariance, correspondence), and the fixed-size pooled
+vectors the transfer probes train on (Sec. 5.2, Table 7).
 
 Pooling: a convolutional feature map [B, C, h, w] is average-pooled (adaptive, PyTorch's
 `adaptive_avg_pool2d`) to min(pool_size, h) x min(pool_size, w) and flattened channel-major,
@@ -42,6 +43,25 @@ def observe_layers(
     finally:
         for handle in handles:
             handle.remove()
+
+
+def forward_features(
+    model: nn.Module, model_name: str, images: torch.Tensor, layers=None
+) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """({layer: [B, D] flattened feature map}, logits [B, K]) of ``images`` in one forward pass.
+
+    layers: analysis layer names of the registry (None: all), returned in network order. Each
+    output is copied as the hook sees it (ResNet's in-place ReLUs overwrite a block's output
+    later in the same pass).
+    """
+    captured: dict[str, torch.Tensor] = {}
+
+    def keep(layer, output):
+        captured[layer] = output.detach().flatten(1).clone()
+
+    with torch.no_grad(), observe_layers(model, model_name, layers, keep) as names:
+        logits = model(images)
+    return {layer: captured[layer] for layer in names}, logits
 
 
 def pool_feature_map(output: torch.Tensor, pool_size: int) -> torch.Tensor:

@@ -11,7 +11,8 @@ goes to a fixed-size buffer as a sortable key, with the argmax position of the m
 still make the table; the buffer is merged into the running [C, k] table with one topk (see
 TopKImages). Everything stays on the device, and the only host transfer is in `result` (on
 the CPU, a conv layer also reads one count per batch: no real sync there). On a busy CPU the
-ops run on one thread (`auto_mining_threads`). Cost: see benchmarks/mine_overhead.py.
+ops run on one thread (`convviz.machine.busy_machine_threads`). Cost: see
+benchmarks/mine_overhead.py.
 
 Distinctness: each image index must be fed exactly once over the whole pass (true for one pass
 over a split, whatever the batching or order). Then the candidates of a batch are distinct
@@ -25,15 +26,14 @@ batching or data order.
 
 from __future__ import annotations
 
-import contextlib
-import os
 import time
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Callable
 
 import torch
 from torch import Tensor, nn
 
+from convviz.machine import busy_machine_threads, cpu_threads
 from convviz.models.registry import MODELS, layer_modules
 
 TopKResult = tuple[Tensor, Tensor, Tensor, Tensor]
@@ -61,7 +61,7 @@ class TopKImages:
 
     def __init__(self, channels: int, k: int = 9, buffer_size: int = 256, threads: int | None = None):
         """threads: intra-op threads for this accumulator's CPU ops (None: torch's setting);
-        see `auto_mining_threads`."""
+        see `convviz.machine.busy_machine_threads`."""
         if channels < 1 or k < 1 or buffer_size < 1:
             raise ValueError(f"need channels, k and buffer_size >= 1, got {channels}, {k}, {buffer_size}")
         self.channels, self.k, self.buffer_size, self.threads = channels, k, buffer_size, threads
@@ -78,7 +78,7 @@ class TopKImages:
         """
         self._check(feature_maps, image_ids)
         device, batch = feature_maps.device, feature_maps.shape[0]
-        with _cpu_threads(device, self.threads):
+        with cpu_threads(device, self.threads):
             if self._keys is None or self._keys.device != device or batch > self.buffer_size:
                 self._allocate(device, batch)
             elif self._filled + batch > min(self.buffer_size, max(self._merged, batch)):
@@ -102,7 +102,7 @@ class TopKImages:
         """
         if self._keys is None:
             self._allocate(torch.device("cpu"), 1)
-        with _cpu_threads(self._keys.device, self.threads):
+        with cpu_threads(self._keys.device, self.threads):
             self._merge()
         values, index = _unpack_key(self._keys[: self.k].t().cpu())
         empty = index < 0
@@ -169,42 +169,6 @@ class TopKImages:
         self._flat[: self.k] = flat
         self._merged += self._filled
         self._filled = 0
-
-
-@contextlib.contextmanager
-def _cpu_threads(device: torch.device, threads: int | None) -> Iterator[None]:
-    """Run the enclosed ops with `threads` intra-op threads if on the CPU (None: unchanged).
-
-    The thread count is process-wide: don't run other torch work in parallel Python threads
-    while mining with a count set.
-    """
-    previous = torch.get_num_threads()
-    if threads is None or device.type != "cpu" or threads == previous:
-        yield
-        return
-    torch.set_num_threads(threads)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
-
-
-def auto_mining_threads() -> int | None:
-    """Threads for the mining ops: 1 on an oversubscribed machine, else None (torch's setting).
-
-    The mining ops are small (one pass over a map, or [C, B]-sized bookkeeping). On a quiet
-    machine a second thread still speeds them up; on one where more threads want to run than
-    there are cores (1-minute load average above 1.5x the core count: our own pass accounts
-    for about 1x), every parallel region can wait a scheduler time slice for a descheduled
-    thread, and one thread is far cheaper. Measured on 2 cores: quiet, mining cost 1.04-1.17x
-    a plain pass with torch's threads vs 1.15-1.25x with one; busy (load 4-6), 1.3-1.5x vs
-    1.02-1.10x. The model's own ops always keep every thread.
-    """
-    try:
-        load = os.getloadavg()[0]
-    except OSError:  # not available on this platform
-        return None
-    return 1 if load > 1.5 * (os.cpu_count() or 1) else None
 
 
 # Low 32 bits of a key hold _INDEX_BASE - image index: a lower index gives a larger key.
@@ -295,9 +259,9 @@ class LayerMiner:
         mining_threads: int | None | str = "auto",
     ):
         """mining_threads: intra-op threads for the mining ops on the CPU: "auto"
-        (`auto_mining_threads`, decided here once), None (torch's setting) or a count."""
+        (`convviz.machine.busy_machine_threads`, decided here once), None (torch's setting) or a count."""
         self.model, self.k = model, k
-        self.threads = auto_mining_threads() if mining_threads == "auto" else mining_threads
+        self.threads = busy_machine_threads() if mining_threads == "auto" else mining_threads
         self.modules = _resolve_modules(model, layers, model_name)
         self.accumulators: dict[str, TopKImages] = {}
         self.images = 0

@@ -225,7 +225,7 @@ def scratch_accuracy(
     recipe (train_cfg: lr, momentum, weight decay, warmup, clipping) for scratch["epochs"]
     epochs of batch scratch["batch_size"] and a cosine schedule."""
     from convviz.models.registry import build_model
-    from convviz.topk import _cpu_threads, auto_mining_threads
+    from convviz.machine import busy_machine_threads, cpu_threads
     from convviz.train import _train_one_epoch, lr_factor
 
     torch.manual_seed(seed)
@@ -241,7 +241,7 @@ def scratch_accuracy(
     epochs = int(scratch["epochs"])
     # Small batches of small images on a busy CPU: one thread is several times faster than two
     # (measured: lenet 285 vs 65 img/s at load 10 on 2 cores); an idle machine keeps its threads.
-    with _cpu_threads(device, auto_mining_threads()):
+    with cpu_threads(device, busy_machine_threads()):
         for epoch in range(1, epochs + 1):
             lr = train_cfg["lr"] * lr_factor("cosine", epoch - 1, epochs, 1, 1.0)
             _train_one_epoch(model, train_set, optimizer, scaler, device, seed, epoch, int(scratch["batch_size"]),

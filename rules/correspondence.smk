@@ -7,7 +7,7 @@ rule correspondence:
         manifest=f"{DATA}/manifest.parquet",
         parts=f"{DATA}/parts.parquet",
         meta=f"{DATA}/dataset.json",
-        lib=lib("correspondence.py", "features.py", "analysis.py", "paper.py"),
+        lib=lib("correspondence.py", "layer_features.py", "analysis.py", "paper.py"),
     output:
         deltas="results/correspondence/{model}/correspondence.parquet",
         table="results/correspondence/{model}/table1.parquet",

@@ -6,7 +6,7 @@ rule invariance:
         model="results/models/{model}/final.pt",
         manifest=f"{DATA}/manifest.parquet",
         meta=f"{DATA}/dataset.json",
-        lib=lib("invariance.py", "features.py", "analysis.py"),
+        lib=lib("invariance.py", "layer_features.py", "analysis.py"),
     output:
         table="results/invariance/{model}/invariance.parquet",
         figure=report(

@@ -30,7 +30,7 @@ from convviz.correspondence import (
     sign_with_tolerance,
 )
 from convviz.data.common import DatasetError
-from convviz.features import forward_features
+from convviz.layer_features import forward_features
 from convviz.models.checkpoint import save_checkpoint
 from convviz.models.registry import build_model, get_spec
 

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from convviz.config import ConfigError, validate_config
-from convviz.features import forward_features
+from convviz.layer_features import forward_features
 from convviz.invariance import (
     COLUMNS,
     TRANSFORMS,

@@ -258,11 +258,16 @@ def test_rank_key_orders_by_value_then_lower_index_and_round_trips():
     assert unpacked_values.tolist() == values.tolist() and unpacked_index.tolist() == index.tolist()
 
 
-def test_auto_mining_threads_follows_the_load(monkeypatch):
-    from convviz import topk
+def test_busy_machine_threads_follows_the_load(monkeypatch):
+    """One thread only when the 1-minute load exceeds 1.5x the cores; the count is restored."""
+    from convviz import machine
 
-    cores = topk.os.cpu_count() or 1
-    monkeypatch.setattr(topk.os, "getloadavg", lambda: (2.0 * cores, 0.0, 0.0))
-    assert topk.auto_mining_threads() == 1
-    monkeypatch.setattr(topk.os, "getloadavg", lambda: (0.5 * cores, 0.0, 0.0))
-    assert topk.auto_mining_threads() is None
+    cores = machine.os.cpu_count() or 1
+    monkeypatch.setattr(machine.os, "getloadavg", lambda: (2.0 * cores, 0.0, 0.0))
+    assert machine.busy_machine_threads() == 1
+    monkeypatch.setattr(machine.os, "getloadavg", lambda: (0.5 * cores, 0.0, 0.0))
+    assert machine.busy_machine_threads() is None
+    before = torch.get_num_threads()
+    with machine.cpu_threads("cpu", 1):
+        assert torch.get_num_threads() == 1
+    assert torch.get_num_threads() == before
