@@ -7,6 +7,8 @@ splits), Table 6 as mean average precision in percent. `None` std means the pape
 
 from __future__ import annotations
 
+import math
+
 # Table 1: correspondence Δ at layer 5 and layer 7, per occluded part (and random control).
 TABLE1 = {
     "right_eye": {5: (0.067, 0.007), 7: (0.069, 0.015)},
@@ -46,3 +48,14 @@ TABLE7 = {
 
 # The paper's tables per transfer target (for "paper" columns); other targets have none.
 TRANSFER_TABLES = {"caltech101": ("Table 4", TABLE4), "caltech256": ("Table 5", TABLE5)}
+
+
+def fmt(value, digits: int = 1) -> str:
+    """A (mean, std) pair as the paper prints it: 'mean ± std', the mean alone where std is None
+    or NaN, and an em dash where there is no number (None or a NaN mean)."""
+    if value is None:
+        return "—"
+    mean, std = value
+    if mean is None or math.isnan(mean):
+        return "—"
+    return f"{mean:.{digits}f}" if std is None or math.isnan(std) else f"{mean:.{digits}f} ± {std:.{digits}f}"

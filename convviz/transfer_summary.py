@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from convviz import paper
 from convviz.transfer import PAPER_ACCURACY, PAPER_LAYER_SHOTS, PAPER_LAYERS, PAPER_VOC_MAP, TRANSFER_COLUMNS
 
 TABLE_COLUMNS = ["target", "model", "best_model", "probe", "layer", "n_per_class", "mean_pct", "std_pct", "splits",
@@ -74,9 +75,7 @@ def accuracy_table(transfer: pd.DataFrame, best: str, penultimate: Mapping[str, 
 
 
 def _cell(mean, std) -> str:
-    if mean is None or (isinstance(mean, float) and math.isnan(mean)):
-        return "—"
-    return f"{mean:.1f}" if std is None or math.isnan(std) else f"{mean:.1f} ± {std:.1f}"
+    return paper.fmt((mean, std))
 
 
 def summary_markdown(table: pd.DataFrame, best: str, top1: Mapping[str, float], layer_order: Mapping[str, list[str]] | None = None) -> str:

@@ -10,7 +10,6 @@ rule report:
             "report/__init__.py",
             "report/html.py",
             "report/inputs.py",
-            "report/paper.py",
             "paper.py",
             "report/sections.py",
             "report/units.py",

@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 import yaml
 
-from convviz.report import paper
+from convviz import paper
 from convviz.report.html import esc, figure, figure_uri, img_tag, markdown, markdown_sections, mean_std, table
 from convviz.report.html import data_uri, png_bytes
 from convviz.report.inputs import ReportInputs
