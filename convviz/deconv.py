@@ -40,6 +40,7 @@ and what autograd's max-pool backward does. For non-overlapping pools the two co
 
 from __future__ import annotations
 
+import time
 import weakref
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, Mapping, Sequence
@@ -115,26 +116,31 @@ def layer_signal(acts: Tensor, units: Units, signal: str = "activation") -> Tens
     """
     if signal not in SIGNALS:
         raise ValueError(f"signal must be one of {SIGNALS}, got {signal!r}")
-    num, channels = acts.shape[:2]
-    device = acts.device
-    channel = units.channel.to(device)
-    if len(channel) and (channel.min() < 0 or channel.max() >= channels):
-        raise ValueError(f"unit channel out of range for a layer with {channels} channels")
-    index: tuple = (torch.arange(num, device=device), channel)
-    if units.pos is not None:
-        if acts.ndim != 4:
-            raise ValueError(
-                f"(batch_index, channel, y, x) units need a conv layer; this layer's output is "
-                f"{tuple(acts.shape[1:])}: use (batch_index, channel)"
-            )
-        pos = units.pos.to(device)
-        height, width = acts.shape[2:]
-        if len(pos) and (pos.min() < 0 or pos[:, 0].max() >= height or pos[:, 1].max() >= width):
-            raise ValueError(f"unit position out of range for a {height}x{width} feature map")
-        index = index + (pos[:, 0], pos[:, 1])
+    index = (torch.arange(acts.shape[0], device=acts.device),) + _unit_index(acts.shape, units, acts.device)
     out = torch.zeros_like(acts)
     out[index] = acts[index] if signal == "activation" else torch.ones_like(acts[index])
     return out
+
+
+def _unit_index(shape: Sequence[int], units: Units, device) -> tuple[Tensor, ...]:
+    """(channel,) or (channel, y, x) of each unit on `device`, checked against a layer output
+    shaped [N, C, h, w] or [N, C]."""
+    channels = shape[1]
+    channel = units.channel.to(device)
+    if len(channel) and (channel.min() < 0 or channel.max() >= channels):
+        raise ValueError(f"unit channel out of range for a layer with {channels} channels")
+    if units.pos is None:
+        return (channel,)
+    if len(shape) != 4:
+        raise ValueError(
+            f"(batch_index, channel, y, x) units need a conv layer; this layer's output is "
+            f"{tuple(shape[1:])}: use (batch_index, channel)"
+        )
+    pos = units.pos.to(device)
+    height, width = shape[2:]
+    if len(pos) and (pos.min() < 0 or pos[:, 0].max() >= height or pos[:, 1].max() >= width):
+        raise ValueError(f"unit position out of range for a {height}x{width} feature map")
+    return (channel, pos[:, 0], pos[:, 1])
 
 
 def strongest_units(acts: Tensor) -> Tensor:
@@ -404,7 +410,13 @@ def _forward_op(op: _Op, x: Tensor) -> tuple[Tensor, Tensor | None]:
     if op.kind == "relu":
         return F.relu(x), None
     if op.kind == "maxpool":
-        return F.max_pool2d(x, m.kernel_size, m.stride, m.padding, m.dilation, m.ceil_mode, return_indices=True)
+        # Channels-last max-pooling runs several times faster on a CPU and picks the same switches
+        # (the first maximum of each window, as autograd's and Captum's pooling in NCHW).
+        out, switches = F.max_pool2d(
+            x.contiguous(memory_format=torch.channels_last), m.kernel_size, m.stride, m.padding, m.dilation,
+            m.ceil_mode, return_indices=True,
+        )
+        return out.contiguous(), switches.contiguous()
     if op.kind == "contrast_norm":
         return F.local_response_norm(x, m.size, m.alpha, m.beta, m.k), None
     if op.kind == "avgpool":
@@ -434,7 +446,18 @@ def _transposed_filter(signal: Tensor, conv: nn.Conv2d, in_hw: Sequence[int]) ->
     """Sec. 2.1 filtering: the layer's own filters, transposed (no bias), back to an [U, C_in, H, W] map.
 
     output_padding restores rows/columns a strided conv dropped, so the shape is the recorded input's.
+    The transposed convolution runs whichever way (`_TRANSPOSE_WAYS`) measured fastest for this
+    layer and signal shape on the first call: all give the same numbers up to float rounding.
     """
+    ways = _transpose_ways(conv)
+    key = (tuple(signal.shape[1:]), tuple(in_hw), signal.device, signal.dtype)
+    chosen = _TRANSPOSE_CHOICE.setdefault(conv, {}).get(key)
+    if chosen is None:
+        chosen = _TRANSPOSE_CHOICE[conv][key] = _fastest(ways, signal, conv, in_hw)
+    return _TRANSPOSE_WAYS[chosen](signal, conv, in_hw)
+
+
+def _transpose_direct(signal: Tensor, conv: nn.Conv2d, in_hw: Sequence[int]) -> Tensor:
     stride, dilation = _pair(conv.stride), _pair(conv.dilation)
     padding = (0, 0) if conv.padding == "valid" else _pair(conv.padding)
     kernel = conv.weight.shape[2:]
@@ -443,6 +466,72 @@ def _transposed_filter(signal: Tensor, conv: nn.Conv2d, in_hw: Sequence[int]) ->
         for i in range(2)
     )
     return F.conv_transpose2d(signal, conv.weight.detach(), None, stride, padding, out_pad, conv.groups, dilation)
+
+
+def _transpose_channels_last(signal: Tensor, conv: nn.Conv2d, in_hw: Sequence[int]) -> Tensor:
+    return _transpose_direct(signal.contiguous(memory_format=torch.channels_last), conv, in_hw).contiguous()
+
+
+def _transpose_subpixel(signal: Tensor, conv: nn.Conv2d, in_hw: Sequence[int]) -> Tensor:
+    """A strided transposed convolution as one stride-1 convolution with stride^2 x C_in output
+    channels (one per output phase) and a pixel shuffle: much faster on a CPU where C_in is small
+    (the first layer's 3 colour channels), as the plain transposed kernel vectorises over C_in.
+
+    With stride s, kernel k (zero-padded to M*s taps, M = ceil(k/s)) and padding p, output row
+    Y = s*q + r - p collects the signal at q - m with tap s*m + r (m = 0..M-1), i.e. a correlation
+    of the signal padded by M-1 with the taps of phase r reversed.
+    """
+    (sy, sx), (ky, kx) = _pair(conv.stride), conv.weight.shape[2:]
+    padding = (0, 0) if conv.padding == "valid" else _pair(conv.padding)
+    c_out, c_in = conv.weight.shape[:2]
+    my, mx = -(-ky // sy), -(-kx // sx)
+    weight = F.pad(conv.weight.detach(), (0, mx * sx - kx, 0, my * sy - ky))
+    # kernel[(ci, ry, rx), co, jy, jx] = weight[co, ci, sy*(my-1-jy) + ry, sx*(mx-1-jx) + rx]
+    kernel = weight.view(c_out, c_in, my, sy, mx, sx).flip(2, 4).permute(1, 3, 5, 0, 2, 4)
+    kernel = kernel.reshape(c_in * sy * sx, c_out, my, mx)
+    phases = F.conv2d(signal.contiguous(memory_format=torch.channels_last), kernel, None, 1, (my - 1, mx - 1))
+    if sy == sx:
+        out = F.pixel_shuffle(phases, sy)
+    else:
+        n, _, h, w = phases.shape
+        out = phases.view(n, c_in, sy, sx, h, w).permute(0, 1, 4, 2, 5, 3).reshape(n, c_in, h * sy, w * sx)
+    out = out[:, :, padding[0] : padding[0] + in_hw[0], padding[1] : padding[1] + in_hw[1]]
+    # Input rows/columns the convolution never read (dropped by its stride) get no signal.
+    return F.pad(out, (0, in_hw[1] - out.shape[3], 0, in_hw[0] - out.shape[2])).contiguous()
+
+
+_TRANSPOSE_WAYS: dict[str, Callable[[Tensor, nn.Conv2d, Sequence[int]], Tensor]] = {
+    "direct": _transpose_direct,
+    "channels_last": _transpose_channels_last,
+    "subpixel": _transpose_subpixel,
+}
+# conv module -> {(signal shape, input size, device, dtype): the way measured fastest}
+_TRANSPOSE_CHOICE: "weakref.WeakKeyDictionary[nn.Module, dict]" = weakref.WeakKeyDictionary()
+_TUNE_ROWS = 32  # rows of the first signal the ways are timed on
+
+
+def _transpose_ways(conv: nn.Conv2d) -> list[str]:
+    ways = ["direct", "channels_last"]
+    if conv.groups == 1 and _pair(conv.dilation) == (1, 1) and _pair(conv.stride) != (1, 1):
+        ways.append("subpixel")
+    return ways
+
+
+def _fastest(ways: list[str], signal: Tensor, conv: nn.Conv2d, in_hw: Sequence[int]) -> str:
+    """The way with the shortest time on the first rows of `signal` (best of two runs each)."""
+    if len(ways) == 1:
+        return ways[0]
+    sample = signal[:_TUNE_ROWS]
+    seconds = {}
+    for way in ways * 2:
+        if sample.is_cuda:
+            torch.cuda.synchronize(sample.device)
+        tic = time.perf_counter()
+        _TRANSPOSE_WAYS[way](sample, conv, in_hw)
+        if sample.is_cuda:
+            torch.cuda.synchronize(sample.device)
+        seconds[way] = min(seconds.get(way, float("inf")), time.perf_counter() - tic)
+    return min(seconds, key=seconds.get)
 
 
 def _linear_adjoint(signal: Tensor, fn: Callable[[Tensor], Tensor], in_shape: Sequence[int]) -> Tensor:
@@ -577,10 +666,13 @@ class ExplicitDeconvnet:
 
     # ---- forward and projection
 
-    def forward(self, images: Tensor, layer: str | nn.Module) -> _ForwardRecord:
-        """Forward images [B, 3, H, W] up to `layer`, recording input shapes and switches (Sec. 2.1)."""
+    def forward(self, images: Tensor, layer: str | nn.Module, upto: int | None = None) -> _ForwardRecord:
+        """Forward images [B, 3, H, W] up to `layer`, recording input shapes and switches (Sec. 2.1).
+
+        upto: stop after this op index instead (below the layer); `acts` is then that op's output.
+        """
         self.trace(images[:1])
-        stop = self._layer_index(self.resolve(layer))
+        stop = self._layer_index(self.resolve(layer)) if upto is None else upto
         in_shapes, switches = [], []
         x = images
         with torch.no_grad():
@@ -590,13 +682,16 @@ class ExplicitDeconvnet:
                 switches.append(idx)
         return _ForwardRecord(x, in_shapes, switches)
 
-    def backward(self, record: _ForwardRecord, signal: Tensor, rows: Tensor) -> Tensor:
+    def backward(self, record: _ForwardRecord, signal: Tensor, rows: Tensor, top: int | None = None) -> Tensor:
         """Project `signal` [U, *layer shape] down to pixels [U, 3, H, W].
 
         rows [U]: which forward image each signal row belongs to (selects its switches).
+        top: start below this op index (the signal is then that op's input side) instead of at the
+        layer.
         """
+        start = len(record.in_shapes) - 1 if top is None else top - 1
         with torch.no_grad():
-            for index in reversed(range(len(record.in_shapes))):
+            for index in reversed(range(start + 1)):
                 switches = record.switches[index]
                 if switches is not None:
                     switches = switches[rows]
@@ -615,19 +710,82 @@ class ExplicitDeconvnet:
 
         Each distinct image referenced by the units is run forward once; the projections of all
         units are computed in chunks of `chunk_size` rows, each row using its image's switches.
+
+        Single units (a position, or a neuron of an fc layer) share the top of their projection:
+        above the highest max-pool below the layer, every step (transposed filters, rectification,
+        pass-through normalisation) is the same for every image, and each step is positively
+        homogeneous, so a unit's signal there is |activation| x that of a +-1 at the unit, computed
+        once per distinct (channel, position, sign); only the steps from that max-pool down, which
+        need each image's switches, run per (unit, image). Whole feature maps (a different signal
+        per image) take the full way down per row.
         """
+        if signal not in SIGNALS:
+            raise ValueError(f"signal must be one of {SIGNALS}, got {signal!r}")
         parsed = parse_units(units, images.shape[0])
         if len(parsed) == 0:
             return images.new_zeros(0, *images.shape[1:])
         used, rows = torch.unique(parsed.batch, return_inverse=True)
-        record = self.forward(images[used.to(images.device)], layer)
-        out = images.new_zeros(len(parsed), *images.shape[1:])
         rows = rows.to(images.device)
-        for start, stop in _chunks(len(parsed), chunk_size, "explicit", images):
-            chunk_rows = rows[start:stop]
-            seed = layer_signal(record.acts[chunk_rows], parsed.rows(start, stop), signal)
-            out[start:stop] = self.backward(record, seed, chunk_rows)
+        self.trace(images[:1])
+        stop = self._layer_index(self.resolve(layer))
+        pools = [i for i, op in enumerate(self.ops[: stop + 1]) if op.kind == "maxpool"]
+        split = pools[-1] if pools else -1  # steps above it are shared; at and below, per image
+        out = images.new_zeros(len(parsed), *images.shape[1:])
+        if signal == "one" and parsed.pos is not None:
+            # No activation value is needed: the forward stops at the split (the layer's shape
+            # comes from one image).
+            record = self.forward(images[used.to(images.device)], layer, upto=split) if split >= 0 else None
+            layer_shape = self.forward(images[:1], layer).acts.shape
+            _unit_index(layer_shape, parsed, images.device)
+            values = torch.ones(len(parsed), device=images.device)
+        else:
+            record = self.forward(images[used.to(images.device)], layer)
+            layer_shape = record.acts.shape
+            if parsed.pos is None and record.acts.ndim == 4:  # whole maps: one signal per image
+                for start, end in _chunks(len(parsed), chunk_size, "explicit", images):
+                    chunk_rows = rows[start:end]
+                    seed = layer_signal(record.acts[chunk_rows], parsed.rows(start, end), signal)
+                    out[start:end] = self.backward(record, seed, chunk_rows)
+                return out
+            where = _unit_index(layer_shape, parsed, images.device)
+            values = record.acts[(rows,) + where] if signal == "activation" else torch.ones(len(parsed), device=images.device)
+        top = self._shared_top(parsed, values, layer_shape, stop, split, images.shape[-3:], chunk_size, images)
+        scale = values.abs()
+        for start, end in _chunks(len(parsed), chunk_size, "explicit", images):
+            seed = top.signals[top.index[start:end]] * scale[start:end].view(-1, *[1] * (top.signals.ndim - 1))
+            if split < 0:
+                out[start:end] = seed  # no max-pool below the layer: the whole projection is shared
+            else:
+                out[start:end] = self.backward(record, seed, rows[start:end], top=split + 1)
         return out
+
+    def _shared_top(self, parsed: Units, values: Tensor, layer_shape, stop: int, split: int, image_shape, chunk_size, images):
+        """The projection of a +-1 at each distinct (channel, position, sign) from the layer down to
+        the output of op `split` (to pixels when split is -1), and which of them each unit uses."""
+        channel = parsed.channel.to(values.device)
+        keys = [channel, torch.sign(values).long()]
+        if parsed.pos is not None:
+            keys += [parsed.pos[:, 0].to(values.device), parsed.pos[:, 1].to(values.device)]
+        distinct, index = torch.unique(torch.stack(keys, 1), dim=0, return_inverse=True)
+        # The input side of each op from split + 1 to the layer, from a one-image forward.
+        shapes = self.forward(images[:1], None, upto=stop).in_shapes if stop > split else []
+        tops = []
+        for start, end in _chunks(len(distinct), chunk_size, "explicit", images):
+            key = distinct[start:end]
+            seed = images.new_zeros(len(key), *layer_shape[1:])
+            where = (torch.arange(len(key), device=key.device), key[:, 0]) + ((key[:, 2], key[:, 3]) if key.shape[1] == 4 else ())
+            seed[where] = key[:, 1].to(seed.dtype)
+            with torch.no_grad():
+                for op_index in reversed(range(split + 1, stop + 1)):
+                    seed = _backward_op(self.ops[op_index], seed, shapes[op_index], None)
+            tops.append(seed)
+        return _SharedTop(torch.cat(tops), index)
+
+
+@dataclass
+class _SharedTop:
+    signals: Tensor  # [K, *shape at the split]: one per distinct (channel, position, sign)
+    index: Tensor  # [U]: which of them each unit uses
 
 
 def _numel(shape: Sequence[int]) -> int:

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from convviz.deconv import (
+    _TRANSPOSE_WAYS,
     ExplicitDeconvnet,
     GeneralDeconvnet,
     _unpool,
@@ -251,3 +252,68 @@ def test_explicit_trace_is_reused_until_a_module_is_replaced():
     assert ExplicitDeconvnet(model).trace(x[:1]) is not first
     units = [(0, 3), (1, 0), (1, 4)]
     assert_close(project(model, "5", x, units, method="explicit"), project(model, "5", x, units))
+
+
+def shared_units(acts, images_per_key=3, keys=4, seed=0):
+    """Units that repeat each of `keys` (channel, y, x) on several images (as top-9 units of a map
+    often do), so the explicit deconvnet's shared top is reused with different switches."""
+    gen = torch.Generator().manual_seed(seed)
+    rows = []
+    for _ in range(keys):
+        c = int(torch.randint(acts.shape[1], (1,), generator=gen))
+        y, x = (int(torch.randint(n, (1,), generator=gen)) for n in acts.shape[2:])
+        rows += [(b, c, y, x) for b in range(images_per_key)]
+    return torch.tensor(rows)
+
+
+@pytest.mark.parametrize("name,layer", [("alexnet", "conv5"), ("zfnet", "conv4"), ("lenet", "conv2"), ("alexnet", "conv1")])
+@pytest.mark.parametrize("signal", ["activation", "one"])
+def test_explicit_shared_top_equals_general_for_units_repeated_over_images(models, images, name, layer, signal):
+    """Units with the same (channel, position) on different images share the projection's top
+    half (above the highest max-pool) and still match the autograd deconvnet row by row."""
+    model, spec = models[name], get_spec(name)
+    acts = layer_acts(model, name, layer, images)
+    units = shared_units(acts)
+    explicit = project(model, layer, images, units, method="explicit", spec=spec, signal=signal, chunk_size=5)
+    general = project(model, layer, images, units, method="general", spec=spec, signal=signal)
+    assert (explicit.flatten(1).abs().amax(1) > 0).sum() >= 2  # not all zero
+    assert_close(explicit, general)
+    # The same key on different images really gives different projections (switches differ).
+    if layer != "conv1":
+        first = [r for r in range(len(units)) if explicit[r].abs().max() > 0]
+        same_key = [r for r in first if tuple(units[r, 1:]) == tuple(units[first[0], 1:])]
+        if len(same_key) > 1:
+            assert not torch.allclose(explicit[same_key[0]], explicit[same_key[1]])
+
+
+def test_explicit_projects_negative_activations_through_the_shared_top():
+    """A layer with negative outputs (a conv without ReLU) projects -|a| units by homogeneity
+    exactly as the autograd deconvnet does."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 6, 3), nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(6, 5, 3), nn.ReLU(), nn.Conv2d(5, 4, 3)).eval()
+    x = torch.randn(3, 3, 16, 16)
+    with torch.no_grad():
+        acts = model(x)
+    negative = (acts < 0).nonzero()[:4]
+    positive = (acts > 0).nonzero()[:4]
+    units = torch.cat([negative, positive, negative[:1] * torch.tensor([0, 1, 1, 1]) + torch.tensor([2, 0, 0, 0])])
+    explicit = project(model, "5", x, units, method="explicit")
+    assert_close(explicit, project(model, "5", x, units))
+
+
+@pytest.mark.parametrize("way", sorted(_TRANSPOSE_WAYS))
+@pytest.mark.parametrize(
+    "c_in,c_out,kernel,stride,padding,size",
+    [(3, 96, 7, 2, 1, 64), (3, 64, 11, 4, 2, 64), (96, 16, 5, 2, 0, 15), (4, 8, 3, (2, 3), (1, 0), 17),
+     (5, 7, (4, 3), 3, 2, 23), (2, 3, 1, 2, 0, 9), (3, 6, 5, 1, 0, 20)],
+)
+def test_every_transposed_filter_way_equals_conv_transpose(way, c_in, c_out, kernel, stride, padding, size):
+    """The ways the deconvnet may pick for a layer's transposed filters (plain, channels-last,
+    sub-pixel) give conv_transpose2d's result, including rows a stride dropped."""
+    torch.manual_seed(0)
+    conv = nn.Conv2d(c_in, c_out, kernel, stride, padding)
+    signal = torch.randn_like(conv(torch.randn(2, c_in, size, size)))
+    (expected,) = torch.autograd.grad(conv(x := torch.randn(2, c_in, size, size, requires_grad=True)), x, signal)
+    actual = _TRANSPOSE_WAYS[way](signal, conv, (size, size))
+    assert actual.shape == expected.shape
+    assert_close(actual, expected)
