@@ -489,21 +489,28 @@ def _transpose_subpixel(signal: Tensor, conv: nn.Conv2d, in_hw: Sequence[int]) -
     # kernel[(ci, ry, rx), co, jy, jx] = weight[co, ci, sy*(my-1-jy) + ry, sx*(mx-1-jx) + rx]
     kernel = weight.view(c_out, c_in, my, sy, mx, sx).flip(2, 4).permute(1, 3, 5, 0, 2, 4)
     kernel = kernel.reshape(c_in * sy * sx, c_out, my, mx)
-    phases = F.conv2d(signal.contiguous(memory_format=torch.channels_last), kernel, None, 1, (my - 1, mx - 1))
+    phases = F.conv2d(signal, kernel, None, 1, (my - 1, mx - 1))
     if sy == sx:
         out = F.pixel_shuffle(phases, sy)
     else:
         n, _, h, w = phases.shape
         out = phases.view(n, c_in, sy, sx, h, w).permute(0, 1, 4, 2, 5, 3).reshape(n, c_in, h * sy, w * sx)
     out = out[:, :, padding[0] : padding[0] + in_hw[0], padding[1] : padding[1] + in_hw[1]]
-    # Input rows/columns the convolution never read (dropped by its stride) get no signal.
-    return F.pad(out, (0, in_hw[1] - out.shape[3], 0, in_hw[0] - out.shape[2])).contiguous()
+    if tuple(out.shape[2:]) != tuple(in_hw):
+        # Input rows/columns the convolution never read (dropped by its stride) get no signal.
+        out = F.pad(out, (0, in_hw[1] - out.shape[3], 0, in_hw[0] - out.shape[2]))
+    return out
+
+
+def _transpose_subpixel_channels_last(signal: Tensor, conv: nn.Conv2d, in_hw: Sequence[int]) -> Tensor:
+    return _transpose_subpixel(signal.contiguous(memory_format=torch.channels_last), conv, in_hw)
 
 
 _TRANSPOSE_WAYS: dict[str, Callable[[Tensor, nn.Conv2d, Sequence[int]], Tensor]] = {
     "direct": _transpose_direct,
     "channels_last": _transpose_channels_last,
     "subpixel": _transpose_subpixel,
+    "subpixel_channels_last": _transpose_subpixel_channels_last,
 }
 # conv module -> {(signal shape, input size, device, dtype): the way measured fastest}
 _TRANSPOSE_CHOICE: "weakref.WeakKeyDictionary[nn.Module, dict]" = weakref.WeakKeyDictionary()
@@ -513,7 +520,7 @@ _TUNE_ROWS = 32  # rows of the first signal the ways are timed on
 def _transpose_ways(conv: nn.Conv2d) -> list[str]:
     ways = ["direct", "channels_last"]
     if conv.groups == 1 and _pair(conv.dilation) == (1, 1) and _pair(conv.stride) != (1, 1):
-        ways.append("subpixel")
+        ways += ["subpixel", "subpixel_channels_last"]
     return ways
 
 
