@@ -549,10 +549,16 @@ def _linear_adjoint(signal: Tensor, fn: Callable[[Tensor], Tensor], in_shape: Se
     return out
 
 
-def _backward_op(op: _Op, signal: Tensor, in_shape: Sequence[int], switches: Tensor | None) -> Tensor:
-    """Project `signal` (the op's output side, [U, ...]) to the op's input side [U, *in_shape]."""
+# Op kinds whose backward step returns a new tensor (the others pass the signal or a view of it on).
+_NEW_SIGNAL = frozenset({"relu", "maxpool", "conv", "linear", "avgpool"})
+
+
+def _backward_op(op: _Op, signal: Tensor, in_shape: Sequence[int], switches: Tensor | None, inplace: bool = False) -> Tensor:
+    """Project `signal` (the op's output side, [U, ...]) to the op's input side [U, *in_shape].
+
+    inplace: the signal may be overwritten (it is an intermediate of the projection)."""
     if op.kind == "relu":
-        return F.relu(signal)  # Sec. 2.1 rectification of the reconstruction
+        return signal.relu_() if inplace else F.relu(signal)  # Sec. 2.1 rectification of the reconstruction
     if op.kind == "maxpool":
         return _unpool(signal, switches, in_shape[1:])
     if op.kind == "conv":
@@ -697,12 +703,15 @@ class ExplicitDeconvnet:
         layer.
         """
         start = len(record.in_shapes) - 1 if top is None else top - 1
+        owned = False  # the caller's signal is never overwritten; intermediates may be
         with torch.no_grad():
             for index in reversed(range(start + 1)):
                 switches = record.switches[index]
                 if switches is not None:
                     switches = switches[rows]
-                signal = _backward_op(self.ops[index], signal, record.in_shapes[index], switches)
+                op = self.ops[index]
+                signal = _backward_op(op, signal, record.in_shapes[index], switches, inplace=owned)
+                owned = owned or op.kind in _NEW_SIGNAL
         return signal
 
     def project(
@@ -784,7 +793,7 @@ class ExplicitDeconvnet:
             seed[where] = key[:, 1].to(seed.dtype)
             with torch.no_grad():
                 for op_index in reversed(range(split + 1, stop + 1)):
-                    seed = _backward_op(self.ops[op_index], seed, shapes[op_index], None)
+                    seed = _backward_op(self.ops[op_index], seed, shapes[op_index], None, inplace=True)
             tops.append(seed)
         return _SharedTop(torch.cat(tops), index)
 

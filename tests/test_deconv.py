@@ -317,3 +317,15 @@ def test_every_transposed_filter_way_equals_conv_transpose(way, c_in, c_out, ker
     actual = _TRANSPOSE_WAYS[way](signal, conv, (size, size))
     assert actual.shape == expected.shape
     assert_close(actual, expected)
+
+
+def test_explicit_backward_leaves_the_callers_signal_untouched(models, images):
+    """Rectification runs in place on the projection's own intermediates, never on the input."""
+    model = models["alexnet"]
+    deconv = ExplicitDeconvnet(model, "alexnet")
+    record = deconv.forward(images, "conv5")
+    assert deconv.ops[len(record.in_shapes) - 1].kind == "relu"  # the first step rectifies
+    signal = torch.randn_like(record.acts)
+    before = signal.clone()
+    out = deconv.backward(record, signal, torch.arange(len(images)))
+    assert torch.equal(signal, before) and out.abs().max() > 0
