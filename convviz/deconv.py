@@ -16,7 +16,8 @@ Contrast normalisation (LocalResponseNorm) is passed through unchanged, dropout 
   * `ExplicitDeconvnet` walks a plain stack (conv/ReLU/max-pool/LRN/linear modules run one after
     the other, with a flatten before the classifier: lenet, alexnet, zfnet) and applies the three
     operations above literally, reusing one forward pass of each distinct image for any number of
-    projected units.
+    projected units. Above the highest max-pool below the layer nothing depends on the image, so
+    single units share that part of their projection per distinct (channel, position, sign).
   * `GeneralDeconvnet` gets the same result from autograd for any network built of modules (also
     ResNets): inside its context every `nn.ReLU` module passes `relu(signal)` downward instead of
     its gradient, LocalResponseNorm passes its signal unchanged, and everything else is ordinary
