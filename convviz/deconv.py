@@ -752,12 +752,13 @@ class ExplicitDeconvnet:
             # No activation value is needed: the forward stops at the split (the layer's shape
             # comes from one image).
             record = self.forward(images[used.to(images.device)], layer, upto=split) if split >= 0 else None
-            layer_shape = self.forward(images[:1], layer).acts.shape
+            probe = self.forward(images[:1], layer)
+            layer_shape, shapes = probe.acts.shape, probe.in_shapes
             _unit_index(layer_shape, parsed, images.device)
             values = torch.ones(len(parsed), device=images.device)
         else:
             record = self.forward(images[used.to(images.device)], layer)
-            layer_shape = record.acts.shape
+            layer_shape, shapes = record.acts.shape, record.in_shapes
             if parsed.pos is None and record.acts.ndim == 4:  # whole maps: one signal per image
                 for start, end in _chunks(len(parsed), chunk_size, "explicit", images):
                     chunk_rows = rows[start:end]
@@ -766,7 +767,7 @@ class ExplicitDeconvnet:
                 return out
             where = _unit_index(layer_shape, parsed, images.device)
             values = record.acts[(rows,) + where] if signal == "activation" else torch.ones(len(parsed), device=images.device)
-        top = self._shared_top(parsed, values, layer_shape, stop, split, images.shape[-3:], chunk_size, images)
+        top = self._shared_top(parsed, values, layer_shape, shapes, stop, split, chunk_size, images)
         scale = values.abs()
         for start, end in _chunks(len(parsed), chunk_size, "explicit", images):
             seed = top.signals[top.index[start:end]] * scale[start:end].view(-1, *[1] * (top.signals.ndim - 1))
@@ -776,16 +777,16 @@ class ExplicitDeconvnet:
                 out[start:end] = self.backward(record, seed, rows[start:end], top=split + 1)
         return out
 
-    def _shared_top(self, parsed: Units, values: Tensor, layer_shape, stop: int, split: int, image_shape, chunk_size, images):
+    def _shared_top(self, parsed: Units, values: Tensor, layer_shape, shapes, stop: int, split: int, chunk_size, images):
         """The projection of a +-1 at each distinct (channel, position, sign) from the layer down to
-        the output of op `split` (to pixels when split is -1), and which of them each unit uses."""
+        the output of op `split` (to pixels when split is -1), and which of them each unit uses.
+
+        shapes: each op's input shape (no batch dim) from a forward pass to the layer."""
         channel = parsed.channel.to(values.device)
         keys = [channel, torch.sign(values).long()]
         if parsed.pos is not None:
             keys += [parsed.pos[:, 0].to(values.device), parsed.pos[:, 1].to(values.device)]
         distinct, index = torch.unique(torch.stack(keys, 1), dim=0, return_inverse=True)
-        # The input side of each op from split + 1 to the layer, from a one-image forward.
-        shapes = self.forward(images[:1], None, upto=stop).in_shapes if stop > split else []
         tops = []
         for start, end in _chunks(len(distinct), chunk_size, "explicit", images):
             key = distinct[start:end]
