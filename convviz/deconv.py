@@ -41,7 +41,7 @@ and what autograd's max-pool backward does. For non-overlapping pools the two co
 
 from __future__ import annotations
 
-import time
+import functools
 import weakref
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, Mapping, Sequence
@@ -50,6 +50,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from convviz.machine import fastest_way
 from convviz.models.registry import get_spec
 
 SIGNALS = ("activation", "one")
@@ -526,20 +527,11 @@ def _transpose_ways(conv: nn.Conv2d) -> list[str]:
 
 
 def _fastest(ways: list[str], signal: Tensor, conv: nn.Conv2d, in_hw: Sequence[int]) -> str:
-    """The way with the shortest time on the first rows of `signal` (best of two runs each)."""
+    """The way with the shortest run on the first rows of `signal` (best of two runs each)."""
     if len(ways) == 1:
         return ways[0]
-    sample = signal[:_TUNE_ROWS]
-    seconds = {}
-    for way in ways * 2:
-        if sample.is_cuda:
-            torch.cuda.synchronize(sample.device)
-        tic = time.perf_counter()
-        _TRANSPOSE_WAYS[way](sample, conv, in_hw)
-        if sample.is_cuda:
-            torch.cuda.synchronize(sample.device)
-        seconds[way] = min(seconds.get(way, float("inf")), time.perf_counter() - tic)
-    return min(seconds, key=seconds.get)
+    runs = {way: functools.partial(_TRANSPOSE_WAYS[way], conv=conv, in_hw=in_hw) for way in ways}
+    return fastest_way(runs, signal[:_TUNE_ROWS])[0]
 
 
 def _linear_adjoint(signal: Tensor, fn: Callable[[Tensor], Tensor], in_shape: Sequence[int]) -> Tensor:
@@ -750,24 +742,20 @@ class ExplicitDeconvnet:
         out = images.new_zeros(len(parsed), *images.shape[1:])
         if signal == "one" and parsed.pos is not None:
             # No activation value is needed: the forward stops at the split (the layer's shape
-            # comes from one image).
+            # and the ops' input shapes come from one image).
             record = self.forward(images[used.to(images.device)], layer, upto=split) if split >= 0 else None
             probe = self.forward(images[:1], layer)
-            layer_shape, shapes = probe.acts.shape, probe.in_shapes
-            _unit_index(layer_shape, parsed, images.device)
-            values = torch.ones(len(parsed), device=images.device)
         else:
-            record = self.forward(images[used.to(images.device)], layer)
-            layer_shape, shapes = record.acts.shape, record.in_shapes
-            if parsed.pos is None and record.acts.ndim == 4:  # whole maps: one signal per image
-                for start, end in _chunks(len(parsed), chunk_size, "explicit", images):
-                    chunk_rows = rows[start:end]
-                    seed = layer_signal(record.acts[chunk_rows], parsed.rows(start, end), signal)
-                    out[start:end] = self.backward(record, seed, chunk_rows)
-                return out
-            where = _unit_index(layer_shape, parsed, images.device)
-            values = record.acts[(rows,) + where] if signal == "activation" else torch.ones(len(parsed), device=images.device)
-        top = self._shared_top(parsed, values, layer_shape, shapes, stop, split, chunk_size, images)
+            record = probe = self.forward(images[used.to(images.device)], layer)
+        if parsed.pos is None and probe.acts.ndim == 4:  # whole maps: one signal per image
+            for start, end in _chunks(len(parsed), chunk_size, "explicit", images):
+                chunk_rows = rows[start:end]
+                seed = layer_signal(record.acts[chunk_rows], parsed.rows(start, end), signal)
+                out[start:end] = self.backward(record, seed, chunk_rows)
+            return out
+        where = _unit_index(probe.acts.shape, parsed, images.device)
+        values = record.acts[(rows,) + where] if signal == "activation" else torch.ones(len(parsed), device=images.device)
+        top = self._shared_top(parsed, values, probe.acts.shape, probe.in_shapes, stop, split, chunk_size, images)
         scale = values.abs()
         for start, end in _chunks(len(parsed), chunk_size, "explicit", images):
             seed = top.signals[top.index[start:end]] * scale[start:end].view(-1, *[1] * (top.signals.ndim - 1))

@@ -43,7 +43,6 @@ import copy
 import functools
 import itertools
 import operator
-import time
 from dataclasses import dataclass
 from typing import Mapping
 
@@ -53,6 +52,8 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
+
+from convviz.machine import fastest_way
 
 __all__ = ["Patched", "IncrementalInference", "materialise", "total_per_channel"]
 
@@ -835,16 +836,8 @@ class IncrementalInference:
         if chosen in ways:
             return ways[chosen](x)
         current = "channels_last" if x.is_contiguous(memory_format=torch.channels_last) else "contiguous"
-        seconds: dict[str, float] = {}
-        for name in sorted(ways, key=lambda n: n != current) * 2:  # best of two, the current layout first
-            if x.is_cuda:
-                torch.cuda.synchronize()
-            tic = time.perf_counter()
-            out = ways[name](x)
-            if x.is_cuda:
-                torch.cuda.synchronize()
-            seconds[name] = min(seconds.get(name, float("inf")), time.perf_counter() - tic)
-        self._layouts[node] = min(seconds, key=seconds.get)
+        ordered = {name: ways[name] for name in sorted(ways, key=lambda n: n != current)}  # the current layout first
+        self._layouts[node], out = fastest_way(ordered, x)
         return out
 
     def _tap_conv(self, node: fx.Node, module: nn.Module, x: Tensor) -> TapConv | None:

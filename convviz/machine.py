@@ -1,11 +1,13 @@
 """What the local machine offers: GPUs for the workflow (read by rules/common.smk, which must not
-import torch) and CPU threads for small ops on a busy machine."""
+import torch), CPU threads for small ops on a busy machine, and which of several equivalent ways
+of computing something runs fastest here."""
 
 from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator, Mapping
 
 # Device files a GPU shows on Linux: NVIDIA's first card, ROCm's kernel driver.
 GPU_DEVICE_FILES = ("/dev/nvidia0", "/dev/kfd")
@@ -52,3 +54,22 @@ def cpu_threads(device, threads: int | None) -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(previous)
+
+
+def fastest_way(ways: Mapping[str, Callable], x, repeats: int = 2) -> tuple[str, object]:
+    """Run each way on `x` `repeats` times, in turn and in the mapping's order; return the name of
+    the way with the shortest run and the last run's result (the ways must compute the same
+    numbers up to rounding, so any result will do). CUDA work is synchronised around each run."""
+    import torch  # here, not at the top: rules/common.smk imports this module without torch
+
+    seconds: dict[str, float] = {}
+    out = None
+    for name in list(ways) * repeats:
+        if x.is_cuda:
+            torch.cuda.synchronize(x.device)
+        tic = time.perf_counter()
+        out = ways[name](x)
+        if x.is_cuda:
+            torch.cuda.synchronize(x.device)
+        seconds[name] = min(seconds.get(name, float("inf")), time.perf_counter() - tic)
+    return min(seconds, key=seconds.get), out

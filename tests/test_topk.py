@@ -271,3 +271,14 @@ def test_busy_machine_threads_follows_the_load(monkeypatch):
     with machine.cpu_threads("cpu", 1):
         assert torch.get_num_threads() == 1
     assert torch.get_num_threads() == before
+
+
+def test_fastest_way_picks_the_quicker_way_and_returns_a_result():
+    """The layout/transposed-filter tuners' timing helper: shortest run wins, output is kept."""
+    import time
+
+    from convviz.machine import fastest_way
+
+    ways = {"slow": lambda t: (time.sleep(0.01), t + 1)[1], "quick": lambda t: t + 1}
+    name, out = fastest_way(ways, torch.zeros(2))
+    assert name == "quick" and torch.equal(out, torch.ones(2))
