@@ -74,10 +74,6 @@ def accuracy_table(transfer: pd.DataFrame, best: str, penultimate: Mapping[str, 
     return table.sort_values(["target", "_order"], kind="stable").drop(columns="_order").reset_index(drop=True)
 
 
-def _cell(mean, std) -> str:
-    return paper.fmt((mean, std))
-
-
 def summary_markdown(table: pd.DataFrame, best: str, top1: Mapping[str, float], layer_order: Mapping[str, list[str]] | None = None) -> str:
     """The transfer tables as Markdown: pretrained vs scratch per N (Tables 4-5, Fig. 9), layer-wise
     probes at the largest N (Table 7), VOC mAP (Table 6); paper columns beside ours where the
@@ -93,15 +89,15 @@ def summary_markdown(table: pd.DataFrame, best: str, top1: Mapping[str, float], 
         if target == "voc2012":
             lines += ["", "| model | mean AP (%) | paper |", "|---|---|---|"]
             for r in rows.itertuples(index=False):
-                lines.append(f"| {r.model}{' (best)' if r.best_model else ''} | {_cell(r.mean_pct, r.std_pct)} | {_cell(r.paper_mean_pct, r.paper_std_pct)} |")
+                lines.append(f"| {r.model}{' (best)' if r.best_model else ''} | {paper.fmt((r.mean_pct, r.std_pct))} | {paper.fmt((r.paper_mean_pct, r.paper_std_pct))} |")
             lines.append("")
             continue
         main = rows[rows["probe"].isin(["softmax", "scratch"])]
         shots = sorted(int(n) for n in rows["n_per_class"].dropna().unique())
-        paper = bool(rows["paper_mean_pct"].notna().any())  # paper columns only for the paper's targets
-        heads = [f"N={n} | paper N={n}" if paper else f"N={n}" for n in shots]
+        has_paper = bool(rows["paper_mean_pct"].notna().any())  # paper columns only for the paper's targets
+        heads = [f"N={n} | paper N={n}" if has_paper else f"N={n}" for n in shots]
         lines += ["", "Frozen features + softmax (pretrained) vs the same net trained from scratch:", "",
-                  "| model | method | " + " | ".join(heads) + " |", "|---|---|" + ("---|---|" if paper else "---|") * len(shots)]
+                  "| model | method | " + " | ".join(heads) + " |", "|---|---|" + ("---|---|" if has_paper else "---|") * len(shots)]
         for model in dict.fromkeys(rows["model"]):
             for probe, label in (("softmax", "pretrained"), ("scratch", "from scratch")):
                 sel = main[(main["model"] == model) & (main["probe"] == probe)]
@@ -115,18 +111,18 @@ def summary_markdown(table: pd.DataFrame, best: str, top1: Mapping[str, float], 
                 cells = []
                 for n in shots:
                     hit = sel[sel["n_per_class"] == n]
-                    cells.append(_cell(hit["mean_pct"].iloc[0], hit["std_pct"].iloc[0]) if len(hit) else "—")
-                    if paper:
-                        cells.append(_cell(hit["paper_mean_pct"].iloc[0], hit["paper_std_pct"].iloc[0]) if len(hit) else "—")
+                    cells.append(paper.fmt((hit["mean_pct"].iloc[0], hit["std_pct"].iloc[0])) if len(hit) else "—")
+                    if has_paper:
+                        cells.append(paper.fmt((hit["paper_mean_pct"].iloc[0], hit["paper_std_pct"].iloc[0])) if len(hit) else "—")
                 best_mark = " (best)" if model == best else ""
                 lines.append(f"| {model}{best_mark} | {label} | " + " | ".join(cells) + " |")
         layer_rows = rows[rows["probe"].isin(["softmax", "svm"])]
         if len(layer_rows):
             largest = int(layer_rows["n_per_class"].max())
             at = layer_rows[layer_rows["n_per_class"] == largest]
-            heads = "| model | layer | softmax | paper softmax | SVM | paper SVM |" if paper else "| model | layer | softmax | SVM |"
+            heads = "| model | layer | softmax | paper softmax | SVM | paper SVM |" if has_paper else "| model | layer | softmax | SVM |"
             lines += ["", f"Layer-wise linear probes at N={largest} (cf. Table 7):", "", heads,
-                      "|---|---|---|---|---|---|" if paper else "|---|---|---|---|"]
+                      "|---|---|---|---|---|---|" if has_paper else "|---|---|---|---|"]
             for model in dict.fromkeys(at["model"]):
                 sub = at[at["model"] == model]
                 present = list(dict.fromkeys(sub["layer"]))
@@ -135,9 +131,9 @@ def summary_markdown(table: pd.DataFrame, best: str, top1: Mapping[str, float], 
                     cells = []
                     for probe in ("softmax", "svm"):
                         hit = sub[(sub["layer"] == layer) & (sub["probe"] == probe)]
-                        cells.append(_cell(hit["mean_pct"].iloc[0], hit["std_pct"].iloc[0]) if len(hit) else "—")
-                        if paper:
-                            cells.append(_cell(hit["paper_mean_pct"].iloc[0], hit["paper_std_pct"].iloc[0]) if len(hit) else "—")
+                        cells.append(paper.fmt((hit["mean_pct"].iloc[0], hit["std_pct"].iloc[0])) if len(hit) else "—")
+                        if has_paper:
+                            cells.append(paper.fmt((hit["paper_mean_pct"].iloc[0], hit["paper_std_pct"].iloc[0])) if len(hit) else "—")
                     lines.append(f"| {model} | {layer} | " + " | ".join(cells) + " |")
         lines.append("")
     return "\n".join(lines)
