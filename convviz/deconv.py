@@ -50,6 +50,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from convviz import deconv_window
 from convviz.machine import fastest_way
 from convviz.models.registry import get_spec
 
@@ -755,6 +756,9 @@ class ExplicitDeconvnet:
             return out
         where = _unit_index(probe.acts.shape, parsed, images.device)
         values = record.acts[(rows,) + where] if signal == "activation" else torch.ones(len(parsed), device=images.device)
+        windows = deconv_window.levels(self.ops, stop, images.shape[-2:]) if parsed.pos is not None else None
+        if windows is not None:
+            return self._project_windows(record, probe, parsed, values, rows, windows, stop, split, chunk_size, images)
         top = self._shared_top(parsed, values, probe.acts.shape, probe.in_shapes, stop, split, chunk_size, images)
         scale = values.abs()
         for start, end in _chunks(len(parsed), chunk_size, "explicit", images):
@@ -763,6 +767,28 @@ class ExplicitDeconvnet:
                 out[start:end] = seed  # no max-pool below the layer: the whole projection is shared
             else:
                 out[start:end] = self.backward(record, seed, rows[start:end], top=split + 1)
+        return out
+
+    def _project_windows(self, record, probe, parsed: Units, values: Tensor, rows: Tensor, windows, stop: int, split: int, chunk_size, images) -> Tensor:
+        """`project` for single conv units whose receptive field is a small part of the image: the
+        same shared top and per-image steps, run on each unit's window (convviz.deconv_window)."""
+        pos = parsed.pos.to(images.device)
+        keys = torch.stack([parsed.channel.to(images.device), torch.sign(values).long(), pos[:, 0], pos[:, 1]], 1)
+        distinct, index = torch.unique(keys, dim=0, return_inverse=True)
+        seed = images.new_zeros(len(distinct), probe.acts.shape[1], 1, 1)
+        seed[torch.arange(len(distinct), device=seed.device), distinct[:, 0], 0, 0] = distinct[:, 1].to(seed.dtype)
+        with torch.no_grad():
+            tops = deconv_window.backward(self.ops, windows, seed, distinct[:, 2:], stop, split + 1, probe.in_shapes)
+        scale = values.abs()
+        out = images.new_zeros(len(parsed), *images.shape[1:])
+        for start, end in _chunks(len(parsed), chunk_size, "explicit", images):
+            signal = tops[index[start:end]] * scale[start:end].view(-1, 1, 1, 1)
+            with torch.no_grad():
+                signal = deconv_window.backward(
+                    self.ops, windows, signal, pos[start:end], split, 0, record.in_shapes if split >= 0 else None,
+                    record.switches if split >= 0 else None, rows[start:end],
+                )
+            deconv_window.paste(signal, windows[0].origin(pos[start:end]), out[start:end])
         return out
 
     def _shared_top(self, parsed: Units, values: Tensor, layer_shape, shapes, stop: int, split: int, chunk_size, images):

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from convviz import deconv_window
 from convviz.deconv import (
     _TRANSPOSE_WAYS,
     ExplicitDeconvnet,
@@ -329,3 +330,79 @@ def test_explicit_backward_leaves_the_callers_signal_untouched(models, images):
     before = signal.clone()
     out = deconv.backward(record, signal, torch.arange(len(images)))
     assert torch.equal(signal, before) and out.abs().max() > 0
+
+
+def corner_and_shared_units(acts):
+    """Units at the four corners of the map (windows reaching into the padding) on every image,
+    plus the same (channel, position) repeated over images and a few active units."""
+    h, w = acts.shape[-2:]
+    corners = [(b, (3 * b + i) % acts.shape[1], y, x) for b in range(acts.shape[0])
+               for i, (y, x) in enumerate([(0, 0), (0, w - 1), (h - 1, 0), (h - 1, w - 1)])]
+    return torch.cat([torch.tensor(corners), shared_units(acts), random_units(acts, 4, 0)])
+
+
+@pytest.mark.parametrize("name,layer", [("lenet", "conv2"), ("alexnet", "conv1"), ("alexnet", "conv2"),
+                                        ("zfnet", "conv2"), ("zfnet", "conv3"), ("alexnet", "conv5")])
+@pytest.mark.parametrize("signal", ["activation", "one"])
+def test_windowed_projection_equals_whole_map_projection(models, images, monkeypatch, name, layer, signal):
+    """Projecting single units on their receptive-field windows (unpooling, rectification and
+    transposed filters on the window only) gives the whole-map projection, also for windows that
+    reach past the map's edges and are larger than the image (zfnet conv3, alexnet conv5, whose
+    transposed filters follow one another with no unpooling between)."""
+    model, spec = models[name], get_spec(name)
+    units = corner_and_shared_units(layer_acts(model, name, layer, images))
+    monkeypatch.setattr(deconv_window, "WINDOW_SHARE", 0.0)
+    whole = project(model, layer, images, units, method="explicit", spec=spec, signal=signal, chunk_size=5)
+    monkeypatch.setattr(deconv_window, "WINDOW_SHARE", float("inf"))
+    deconv = ExplicitDeconvnet(model, spec)
+    deconv.trace(images[:1])
+    assert deconv_window.levels(deconv.ops, deconv._layer_index(deconv.resolve(layer)), (SIZE, SIZE)) is not None
+    windowed = project(model, layer, images, units, method="explicit", spec=spec, signal=signal, chunk_size=5)
+    assert (whole.flatten(1).abs().amax(1) > 0).sum() >= 4
+    assert_close(windowed, whole)
+
+
+def test_windowed_projection_of_negative_activations(monkeypatch):
+    """Windows carry the sign of a negative activation (a conv without ReLU) like whole maps do."""
+    monkeypatch.setattr(deconv_window, "WINDOW_SHARE", 4.0)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.ReLU(), nn.MaxPool2d(3, 2, 1), nn.Conv2d(6, 5, 3), nn.ReLU(),
+                          nn.Conv2d(5, 4, 3, padding=2, dilation=2)).eval()
+    x = torch.randn(3, 3, 20, 20)
+    with torch.no_grad():
+        acts = model(x)
+    units = torch.cat([(acts < 0).nonzero()[:5], (acts > 0).nonzero()[:5]])
+    assert_close(project(model, "5", x, units, method="explicit"), project(model, "5", x, units))
+
+
+@pytest.mark.parametrize("name", PLAIN)
+def test_window_geometry_is_the_receptive_field(models, monkeypatch, name):
+    """The pixel window of a unit is its receptive field as convviz.receptive derives it by
+    another route (torch.fx over the whole graph): same side, stride and first pixel."""
+    from convviz.receptive import receptive_fields
+
+    monkeypatch.setattr(deconv_window, "WINDOW_SHARE", float("inf"))
+    model, spec = models[name], get_spec(name)
+    deconv = ExplicitDeconvnet(model, spec)
+    deconv.trace(torch.zeros(1, 3, SIZE, SIZE))
+    conv_layers = [layer for layer in spec.layers if layer.startswith("conv")]
+    fields = receptive_fields(model, conv_layers, SIZE, spec)
+    for layer in conv_layers:
+        pixels = deconv_window.levels(deconv.ops, deconv._layer_index(deconv.resolve(layer)), (SIZE, SIZE))[0]
+        rf = fields[layer]
+        assert pixels.size == (rf.size, rf.size) and pixels.scale == (rf.stride, rf.stride), layer
+        assert pixels.offset == (rf.first_pixel, rf.first_pixel), layer
+
+
+def test_windows_are_used_only_where_the_receptive_field_is_small(models):
+    """Small receptive fields (lenet conv2: 14 px, zfnet conv2: 27 px of 64) go by windows; layers
+    that see most of the image (alexnet conv2: 51 px, conv5; fc layers) by whole maps."""
+    chosen = {}
+    for name, layer in [("lenet", "conv2"), ("zfnet", "conv2"), ("alexnet", "conv1"), ("alexnet", "conv2"),
+                        ("alexnet", "conv5"), ("zfnet", "fc6")]:
+        deconv = ExplicitDeconvnet(models[name], name)
+        deconv.trace(torch.zeros(1, 3, SIZE, SIZE))
+        levels = deconv_window.levels(deconv.ops, deconv._layer_index(deconv.resolve(layer)), (SIZE, SIZE))
+        chosen[name, layer] = levels is not None
+    assert chosen == {("lenet", "conv2"): True, ("zfnet", "conv2"): True, ("alexnet", "conv1"): True,
+                      ("alexnet", "conv2"): False, ("alexnet", "conv5"): False, ("zfnet", "fc6"): False}
