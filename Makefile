@@ -4,6 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 CORES ?= all
+DEVICE ?= cpu
 
 .PHONY: report test test-slow test-slurm lint dry-run benchmarks clean
 
@@ -37,7 +38,7 @@ dry-run: $(STAMP)
 	$(BIN)/snakemake -n
 
 benchmarks: $(STAMP)
-	$(BIN)/python benchmarks/train_throughput.py
+	bash benchmarks/all.sh $(DEVICE)
 
 clean:
 	rm -rf results .snakemake

@@ -37,7 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from convviz.io import write_json  # noqa: E402
 from convviz.models.registry import build_model, resolve_layers  # noqa: E402
-from convviz.machine import busy_machine_threads  # noqa: E402
+from convviz.machine import busy_machine_threads, device_name  # noqa: E402
 from convviz.topk import LayerMiner, mine_top9  # noqa: E402
 
 # As in config.yaml's `architecture` section.
@@ -175,9 +175,8 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     images = torch.rand(args.images, 3, args.image_size, args.image_size, generator=torch.Generator().manual_seed(0))
     batches = make_batches(images, args.batch_size)
-    device_name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     summary = {
-        "device": device_name,
+        "device": device_name(dev),
         "torch": torch.__version__,
         "images": args.images,
         "image_size": args.image_size,

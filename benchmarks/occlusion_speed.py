@@ -40,6 +40,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from convviz.io import write_json  # noqa: E402
+from convviz.machine import device_name  # noqa: E402
 from convviz.models.registry import build_model  # noqa: E402
 from convviz.occlusion import make_engine, occluder_positions, occlusion_sweep  # noqa: E402
 
@@ -171,7 +172,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     summary = {
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads",
+        "device": device_name(device),
         "torch": torch.__version__,
         "image_size": config["data"]["image_size"],
         "occluder_size": args.size,

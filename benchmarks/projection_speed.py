@@ -31,6 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from convviz.deconv import project  # noqa: E402
 from convviz.io import write_json  # noqa: E402
+from convviz.machine import device_name  # noqa: E402
 from convviz.models.registry import build_model, get_spec, layer_modules  # noqa: E402
 from convviz.topk import mine_top9  # noqa: E402
 
@@ -99,12 +100,14 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=300)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--out", default=None, help="JSON file (default results/benchmarks/projection_speed_<device>.json)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     images = torch.randn(args.images, 3, 64, 64, generator=torch.Generator().manual_seed(0)).to(device)
     rows = []
-    out_path = Path(__file__).resolve().parent.parent / "results" / "benchmarks" / f"projection_speed_{device.type}.json"
+    default_out = Path(__file__).resolve().parent.parent / "results" / "benchmarks" / f"projection_speed_{device.type}.json"
+    out_path = Path(args.out) if args.out else default_out
     for name in args.models:
         model, weights = load_model(name, device)
         layer = LAYER[name]
@@ -144,7 +147,7 @@ def main() -> None:
             + (f"; general+LRN-gradient {best['same']:.3f}s ({best['captum'] / best['same']:.2f}x)" if has_lrn else ""),
             flush=True,
         )
-        write_json({"device": str(device), "threads": args.threads, "images": args.images, "rows": rows}, out_path)
+        write_json({"device": device_name(device), "threads": args.threads, "images": args.images, "rows": rows}, out_path)
 
 
 if __name__ == "__main__":

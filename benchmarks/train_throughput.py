@@ -23,6 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from convviz.data.common import ImageDataset  # noqa: E402
 from convviz.data.synthetic import generate_synthetic  # noqa: E402
+from convviz.machine import device_name  # noqa: E402
 from convviz.models.registry import build_model  # noqa: E402
 from convviz.train import _train_one_epoch  # noqa: E402
 
@@ -102,7 +103,7 @@ def main():
     with tempfile.TemporaryDirectory() as tmp:
         generate_synthetic(tmp, seed=0, image_size=64, classes=10, train_per_class=64, val_per_class=2, log=lambda m: None)
         rows = [measure(m, Path(tmp), dev, args.batch_size, args.repeats) for m in args.models]
-    name = torch.cuda.get_device_name() if dev.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+    name = device_name(dev)
     print(f"training throughput on {name} (torch {torch.__version__}), batch {args.batch_size}, 64x64 images")
     print("| model | training loop (img/s) | bare step (img/s) | loop / bare | pipeline cost | first epoch (img/s) |")
     print("|---|---|---|---|---|---|")

@@ -38,6 +38,17 @@ def busy_machine_threads() -> int | None:
     return 1 if load > 1.5 * (os.cpu_count() or 1) else None
 
 
+def device_name(device) -> str:
+    """The machine a measurement ran on, for benchmark records: the GPU's name with the CUDA and
+    torch versions, or the CPU with torch's thread count."""
+    import torch  # here, not at the top: rules/common.smk imports this module without torch
+
+    device = torch.device(device)
+    if device.type == "cuda":
+        return f"{torch.cuda.get_device_name(device)} (CUDA {torch.version.cuda}, torch {torch.__version__})"
+    return f"CPU, {torch.get_num_threads()} threads (torch {torch.__version__})"
+
+
 @contextlib.contextmanager
 def cpu_threads(device, threads: int | None) -> Iterator[None]:
     """Run the enclosed torch ops with `threads` intra-op threads if `device` is the CPU (None:
