@@ -104,7 +104,7 @@ def main():
         generate_synthetic(tmp, seed=0, image_size=64, classes=10, train_per_class=64, val_per_class=2, log=lambda m: None)
         rows = [measure(m, Path(tmp), dev, args.batch_size, args.repeats) for m in args.models]
     name = device_name(dev)
-    print(f"training throughput on {name} (torch {torch.__version__}), batch {args.batch_size}, 64x64 images")
+    print(f"training throughput on {name}, batch {args.batch_size}, 64x64 images")
     print("| model | training loop (img/s) | bare step (img/s) | loop / bare | pipeline cost | first epoch (img/s) |")
     print("|---|---|---|---|---|---|")
     for r in rows:
