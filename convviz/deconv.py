@@ -421,12 +421,30 @@ def _forward_op(op: _Op, x: Tensor) -> tuple[Tensor, Tensor | None]:
         )
         return out.contiguous(), switches.contiguous()
     if op.kind == "contrast_norm":
-        return F.local_response_norm(x, m.size, m.alpha, m.beta, m.k), None
+        return local_response_norm(x, m.size, m.alpha, m.beta, m.k), None
     if op.kind == "avgpool":
         return m(x), None
     if op.kind == "flatten":
         return x.flatten(1), None
     return x, None  # dropout (eval), identity
+
+
+def local_response_norm(x: Tensor, size: int, alpha: float, beta: float, k: float) -> Tensor:
+    """F.local_response_norm, bit for bit, several times faster on a CPU for [N, C, H, W] maps.
+
+    torch sums the squares of each channel window with avg_pool3d over a [N, 1, C, H, W] view,
+    one slow pass; here the window is `size` shifted slices of the zero-padded squares added in
+    the same order (then divided by `size`, as avg_pool3d does), so every value and hence every
+    max-pool switch downstream is the same as in the model's own forward (tested). Other ranks
+    go to torch's function."""
+    if x.dim() != 4:
+        return F.local_response_norm(x, size, alpha, beta, k)
+    channels = x.shape[1]
+    squares = F.pad(x * x, (0, 0, 0, 0, size // 2, (size - 1) // 2))
+    total = squares[:, :channels]
+    for shift in range(1, size):
+        total = total + squares[:, shift : shift + channels]
+    return x / (total / size).mul_(alpha).add_(k).pow_(beta)
 
 
 def _unpool(signal: Tensor, switches: Tensor, in_hw: Sequence[int]) -> Tensor:

@@ -406,3 +406,18 @@ def test_windows_are_used_only_where_the_receptive_field_is_small(models):
         chosen[name, layer] = levels is not None
     assert chosen == {("lenet", "conv2"): True, ("zfnet", "conv2"): True, ("alexnet", "conv1"): True,
                       ("alexnet", "conv2"): False, ("alexnet", "conv5"): False, ("zfnet", "fc6"): False}
+
+
+@pytest.mark.parametrize("shape,size", [((4, 96, 15, 15), 5), ((3, 7, 5, 6), 4), ((2, 3, 4, 4), 5), ((2, 10, 3, 3), 1),
+                                        ((2, 16, 8), 3), ((1, 6, 3, 4, 5), 3)])
+def test_local_response_norm_is_torchs_bit_for_bit(shape, size):
+    """The explicit deconvnet's LRN gives exactly torch's values (a rounding difference could move
+    a max-pool switch downstream), for odd and even windows, windows wider than the channels,
+    and the ranks it hands to torch."""
+    from convviz.deconv import local_response_norm
+
+    torch.manual_seed(0)
+    for scale in (0.01, 1.0, 30.0):
+        x = torch.randn(shape) * scale
+        for alpha, beta, k in [(1e-4, 0.75, 2.0), (0.5, 1.5, 1.0)]:
+            assert torch.equal(local_response_norm(x, size, alpha, beta, k), F.local_response_norm(x, size, alpha, beta, k))
