@@ -51,6 +51,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from convviz import deconv_window
+from convviz.deconv_window import pair
 from convviz.machine import fastest_way
 from convviz.models.registry import get_spec
 
@@ -459,10 +460,6 @@ def _unpool(signal: Tensor, switches: Tensor, in_hw: Sequence[int]) -> Tensor:
     return out.view(num, channels, *in_hw)
 
 
-def _pair(value) -> tuple[int, int]:
-    return tuple(value) if isinstance(value, (tuple, list)) else (value, value)
-
-
 def _transposed_filter(signal: Tensor, conv: nn.Conv2d, in_hw: Sequence[int]) -> Tensor:
     """Sec. 2.1 filtering: the layer's own filters, transposed (no bias), back to an [U, C_in, H, W] map.
 
@@ -479,8 +476,8 @@ def _transposed_filter(signal: Tensor, conv: nn.Conv2d, in_hw: Sequence[int]) ->
 
 
 def _transpose_direct(signal: Tensor, conv: nn.Conv2d, in_hw: Sequence[int]) -> Tensor:
-    stride, dilation = _pair(conv.stride), _pair(conv.dilation)
-    padding = (0, 0) if conv.padding == "valid" else _pair(conv.padding)
+    stride, dilation = pair(conv.stride), pair(conv.dilation)
+    padding = (0, 0) if conv.padding == "valid" else pair(conv.padding)
     kernel = conv.weight.shape[2:]
     out_pad = tuple(
         in_hw[i] - ((signal.shape[2 + i] - 1) * stride[i] - 2 * padding[i] + dilation[i] * (kernel[i] - 1) + 1)
@@ -502,8 +499,8 @@ def _transpose_subpixel(signal: Tensor, conv: nn.Conv2d, in_hw: Sequence[int]) -
     Y = s*q + r - p collects the signal at q - m with tap s*m + r (m = 0..M-1), i.e. a correlation
     of the signal padded by M-1 with the taps of phase r reversed.
     """
-    (sy, sx), (ky, kx) = _pair(conv.stride), conv.weight.shape[2:]
-    padding = (0, 0) if conv.padding == "valid" else _pair(conv.padding)
+    (sy, sx), (ky, kx) = pair(conv.stride), conv.weight.shape[2:]
+    padding = (0, 0) if conv.padding == "valid" else pair(conv.padding)
     c_out, c_in = conv.weight.shape[:2]
     my, mx = -(-ky // sy), -(-kx // sx)
     weight = F.pad(conv.weight.detach(), (0, mx * sx - kx, 0, my * sy - ky))
@@ -540,7 +537,7 @@ _TUNE_ROWS = 32  # rows of the first signal the ways are timed on
 
 def _transpose_ways(conv: nn.Conv2d) -> list[str]:
     ways = ["direct", "channels_last"]
-    if conv.groups == 1 and _pair(conv.dilation) == (1, 1) and _pair(conv.stride) != (1, 1):
+    if conv.groups == 1 and pair(conv.dilation) == (1, 1) and pair(conv.stride) != (1, 1):
         ways += ["subpixel", "subpixel_channels_last"]
     return ways
 
@@ -791,8 +788,7 @@ class ExplicitDeconvnet:
         """`project` for single conv units whose receptive field is a small part of the image: the
         same shared top and per-image steps, run on each unit's window (convviz.deconv_window)."""
         pos = parsed.pos.to(images.device)
-        keys = torch.stack([parsed.channel.to(images.device), torch.sign(values).long(), pos[:, 0], pos[:, 1]], 1)
-        distinct, index = torch.unique(keys, dim=0, return_inverse=True)
+        distinct, index = _distinct_keys(parsed, values)
         seed = images.new_zeros(len(distinct), probe.acts.shape[1], 1, 1)
         seed[torch.arange(len(distinct), device=seed.device), distinct[:, 0], 0, 0] = distinct[:, 1].to(seed.dtype)
         with torch.no_grad():
@@ -801,11 +797,11 @@ class ExplicitDeconvnet:
         out = images.new_zeros(len(parsed), *images.shape[1:])
         for start, end in _chunks(len(parsed), chunk_size, "explicit", images):
             signal = tops[index[start:end]] * scale[start:end].view(-1, 1, 1, 1)
-            with torch.no_grad():
-                signal = deconv_window.backward(
-                    self.ops, windows, signal, pos[start:end], split, 0, record.in_shapes if split >= 0 else None,
-                    record.switches if split >= 0 else None, rows[start:end],
-                )
+            if split >= 0:  # else no max-pool below the layer: the whole projection is shared
+                with torch.no_grad():
+                    signal = deconv_window.backward(
+                        self.ops, windows, signal, pos[start:end], split, 0, record.in_shapes, record.switches, rows[start:end]
+                    )
             deconv_window.paste(signal, windows[0].origin(pos[start:end]), out[start:end])
         return out
 
@@ -814,11 +810,7 @@ class ExplicitDeconvnet:
         the output of op `split` (to pixels when split is -1), and which of them each unit uses.
 
         shapes: each op's input shape (no batch dim) from a forward pass to the layer."""
-        channel = parsed.channel.to(values.device)
-        keys = [channel, torch.sign(values).long()]
-        if parsed.pos is not None:
-            keys += [parsed.pos[:, 0].to(values.device), parsed.pos[:, 1].to(values.device)]
-        distinct, index = torch.unique(torch.stack(keys, 1), dim=0, return_inverse=True)
+        distinct, index = _distinct_keys(parsed, values)
         tops = []
         for start, end in _chunks(len(distinct), chunk_size, "explicit", images):
             key = distinct[start:end]
@@ -830,6 +822,15 @@ class ExplicitDeconvnet:
                     seed = _backward_op(self.ops[op_index], seed, shapes[op_index], None, inplace=True)
             tops.append(seed)
         return _SharedTop(torch.cat(tops), index)
+
+
+def _distinct_keys(parsed: Units, values: Tensor) -> tuple[Tensor, Tensor]:
+    """The distinct (channel, sign[, y, x]) rows of single units whose projection tops are shared,
+    and which of them each unit has: (distinct [K, 2|4], index [U]), on the values' device."""
+    keys = [parsed.channel.to(values.device), torch.sign(values).long()]
+    if parsed.pos is not None:
+        keys += [parsed.pos[:, 0].to(values.device), parsed.pos[:, 1].to(values.device)]
+    return torch.unique(torch.stack(keys, 1), dim=0, return_inverse=True)
 
 
 @dataclass

@@ -49,7 +49,8 @@ class Level:
 UNIT = Level((1, 1), (1, 1), (0, 0))  # the unit itself, on the layer's output side
 
 
-def _pair(value) -> tuple[int, int]:
+def pair(value) -> tuple[int, int]:
+    """A module's kernel/stride/padding/dilation as (height, width)."""
     return tuple(value) if isinstance(value, (tuple, list)) else (value, value)
 
 
@@ -66,7 +67,7 @@ def levels(ops: Sequence, stop: int, image_hw: Sequence[int]) -> list[Level] | N
             padding = 0 if m.padding == "valid" else m.padding
             if isinstance(padding, str):
                 return None
-            k, s, p, d = (_pair(v) for v in (m.kernel_size, m.stride, padding, m.dilation))
+            k, s, p, d = (pair(v) for v in (m.kernel_size, m.stride, padding, m.dilation))
             level = Level(
                 tuple((level.size[a] - 1) * s[a] + d[a] * (k[a] - 1) + 1 for a in range(2)),
                 tuple(level.scale[a] * s[a] for a in range(2)),
