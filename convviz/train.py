@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from convviz.data.common import ImageDataset
 from convviz.io import save_torch, write_parquet
 from convviz.models.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from convviz.models.data_init import center_biases
 from convviz.models.registry import build_model
 
 RESUME_FORMAT = "convviz-resume-v1"
@@ -170,6 +171,8 @@ def train_model(
     else:
         log(f"training {model_name} from scratch: {epochs} epochs, {len(train_ds)} train / {len(val_ds)} val images, "
             f"{train_ds.num_classes} classes, {sum(p.numel() for p in model.parameters()):,} parameters, device {dev}")
+        if train_cfg.get("center_init") and not arch_cfg.get("weights"):
+            center_init(model, train_ds, int(train_cfg["center_init"]), seed, dev, log)
 
     outputs.checkpoint_dir.mkdir(parents=True, exist_ok=True)
     ckpt_epochs = set(train_cfg["checkpoint_epochs"])
@@ -214,6 +217,19 @@ def train_model(
     log(f"done: {model_name} {epochs} epochs, {summary}, chance {1 / train_ds.num_classes:.3f}, "
         f"{time.time() - t_start:.0f}s in total")
     return table
+
+
+def center_init(model, dataset, images: int, seed: int, dev, log) -> None:
+    """`train.center_init`: centre the hidden layers' biases on `images` seeded training images
+    (convviz.models.data_init; nothing changes for layers without biases, e.g. resnet50's convs).
+    dataset: an ImageDataset or anything with len, raw_batch and normalise."""
+    count = min(images, len(dataset))
+    pick = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))[:count]
+    x = dataset.normalise(dataset.raw_batch(pick)).to(dev)
+    if dev.type == "cuda":
+        x = x.contiguous(memory_format=torch.channels_last)
+    changed = center_biases(model, x)
+    log(f"centred the biases of {len(changed)} layer(s) on {count} training images: {', '.join(changed) or 'none'}")
 
 
 def _image_size(data_dir) -> int:

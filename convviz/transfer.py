@@ -222,11 +222,11 @@ def scratch_accuracy(
 ) -> float:
     """Mean per-class test accuracy of the architecture trained from random init on the split's
     training images only (the paper's non-pretrained baseline), with the model's own training
-    recipe (train_cfg: lr, momentum, weight decay, warmup, clipping) for scratch["epochs"]
+    recipe (train_cfg: lr, momentum, weight decay, warmup, clipping, bias centring) for scratch["epochs"]
     epochs of batch scratch["batch_size"] and a cosine schedule."""
     from convviz.models.registry import build_model
     from convviz.machine import busy_machine_threads, cpu_threads
-    from convviz.train import _train_one_epoch, lr_factor
+    from convviz.train import _train_one_epoch, center_init, lr_factor
 
     torch.manual_seed(seed)
     arch = {k: v for k, v in arch_cfg.items() if k != "weights"}
@@ -237,6 +237,8 @@ def scratch_accuracy(
     scaler = torch.amp.GradScaler("cuda", enabled=False)
     renormalize = getattr(model, "renormalize_filters", None)
     train_set = _Subset(dataset, fold.train, _relabel(labels[fold.train], fold.classes))
+    if train_cfg.get("center_init"):
+        center_init(model, train_set, int(train_cfg["center_init"]), seed, device, lambda _m: None)
     cfg = {**train_cfg, "num_workers": 0}
     epochs = int(scratch["epochs"])
     # Small batches of small images on a busy CPU: one thread is several times faster than two

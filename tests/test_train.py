@@ -18,7 +18,7 @@ from convviz.train import TrainOutputs, lr_factor, train_model
 SETTINGS = {
     "epochs": 3, "lr": 0.05, "schedule": "cosine", "step_size": 5, "gamma": 0.1, "batch_size": 8,
     "momentum": 0.9, "weight_decay": 0.0005, "augment": True, "amp": True, "channels_last": True,
-    "num_workers": 0, "threads": 1, "checkpoint_epochs": [1, 3],
+    "num_workers": 0, "threads": 1, "checkpoint_epochs": [1, 3], "center_init": 16,
 }
 
 
@@ -27,9 +27,9 @@ def outputs(tmp: Path) -> TrainOutputs:
                         checkpoint_dir=tmp / "ckpt", resume=tmp / "resume" / "last.pt", curves=tmp / "curves.png")
 
 
-def run(tmp, data, **kw):
+def run(tmp, data, log=lambda m: None, **kw):
     return train_model("lenet", data, outputs(tmp), arch_cfg={}, train_cfg=SETTINGS, seed=3, device="cpu",
-                       log=lambda m: None, **kw)
+                       log=log, **kw)
 
 
 def assert_same_weights(a: Path, b: Path):
@@ -59,6 +59,16 @@ def test_resumed_run_ends_with_the_same_weights_as_an_uninterrupted_one(tmp_path
     assert_same_weights(tmp_path / "straight" / "final.pt", tmp_path / "resumed" / "final.pt")
     assert list(history["epoch"]) == [1, 1, 2, 2, 3, 3]
     assert list(history["resumed_from_epoch"]) == [0, 0, 1, 1, 1, 1]  # the history records the resume
+
+
+def test_biases_are_centred_when_training_starts_from_scratch_not_on_resume(tmp_path, tiny_dataset):
+    first, second = [], []
+    run(tmp_path, tiny_dataset, log=first.append, stop_after_epoch=1)
+    run(tmp_path, tiny_dataset, log=second.append)
+    centred = [m for m in first if m.startswith("centred the biases")]
+    assert centred == ["centred the biases of 4 layer(s) on 16 training images: "
+                       "features.0, features.3, classifier.1, classifier.4"]  # all but the head
+    assert not any(m.startswith("centred") for m in second)
 
 
 def test_resume_state_of_another_configuration_is_ignored(tmp_path, tiny_dataset):
