@@ -229,7 +229,10 @@ def center_init(model, dataset, images: int, seed: int, dev, log) -> None:
     if dev.type == "cuda":
         x = x.contiguous(memory_format=torch.channels_last)
     changed = center_biases(model, x)
-    log(f"centred the biases of {len(changed)} layer(s) on {count} training images: {', '.join(changed) or 'none'}")
+    if changed:
+        log(f"centred the biases of {len(changed)} layer(s) on {count} training images: {', '.join(changed)}")
+    else:
+        log("center_init: no hidden layer has a bias to centre (BatchNorm centres them); nothing changed")
 
 
 def _image_size(data_dir) -> int:
