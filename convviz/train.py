@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from convviz.data.common import ImageDataset
 from convviz.io import save_torch, write_parquet
 from convviz.models.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from convviz.models.data_init import center_biases
+from convviz.models.data_init import center_biases, centred_layers
 from convviz.models.registry import build_model
 
 RESUME_FORMAT = "convviz-resume-v1"
@@ -223,16 +223,16 @@ def center_init(model, dataset, images: int, seed: int, dev, log) -> None:
     """`train.center_init`: centre the hidden layers' biases on `images` seeded training images
     (convviz.models.data_init; nothing changes for layers without biases, e.g. resnet50's convs).
     dataset: an ImageDataset or anything with len, raw_batch and normalise."""
+    if not centred_layers(model):
+        log("center_init: no hidden layer has a bias to centre (BatchNorm centres them); nothing changed")
+        return
     count = min(images, len(dataset))
     pick = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))[:count]
     x = dataset.normalise(dataset.raw_batch(pick)).to(dev)
     if dev.type == "cuda":
         x = x.contiguous(memory_format=torch.channels_last)
     changed = center_biases(model, x)
-    if changed:
-        log(f"centred the biases of {len(changed)} layer(s) on {count} training images: {', '.join(changed)}")
-    else:
-        log("center_init: no hidden layer has a bias to centre (BatchNorm centres them); nothing changed")
+    log(f"centred the biases of {len(changed)} layer(s) on {count} training images: {', '.join(changed)}")
 
 
 def _image_size(data_dir) -> int:

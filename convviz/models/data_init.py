@@ -19,6 +19,12 @@ import torch
 from torch import Tensor, nn
 
 
+def centred_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """(name, module) of the conv/linear layers `center_biases` shifts: all but the last, with a bias."""
+    layers = [(name, module) for name, module in model.named_modules() if isinstance(module, (nn.Conv2d, nn.Linear))]
+    return [(name, module) for name, module in layers[:-1] if module.bias is not None]
+
+
 @torch.no_grad()
 def center_biases(model: nn.Module, images: Tensor) -> list[str]:
     """Shift the biases of `model`'s hidden conv/linear layers so their outputs on `images`
@@ -28,8 +34,7 @@ def center_biases(model: nn.Module, images: Tensor) -> list[str]:
     its output as well as from its bias, so the layers after it see the centred values, as
     they will after the init. The model's train/eval mode is restored.
     """
-    layers = [(name, module) for name, module in model.named_modules() if isinstance(module, (nn.Conv2d, nn.Linear))]
-    hidden = [(name, module) for name, module in layers[:-1] if module.bias is not None]
+    hidden = centred_layers(model)
     changed: list[str] = []
     if not hidden:
         return changed
