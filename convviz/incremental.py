@@ -53,6 +53,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
+from convviz.deconv_window import pair
 from convviz.machine import fastest_way
 
 __all__ = ["Patched", "IncrementalInference", "materialise", "total_per_channel"]
@@ -254,10 +255,6 @@ def total_per_channel(value, base: Tensor, channels: Tensor | None = None) -> Te
 # ---------------------------------------------------------------------------------------- geometry
 
 
-def _pair(value) -> tuple[int, int]:
-    return tuple(value) if isinstance(value, (tuple, list)) else (value, value)
-
-
 def _affected(start: np.ndarray, length: int, size_out: int, kernel: int, stride: int, pad: int):
     """Along one axis: outputs a changed input run [start, start+length) reaches, one size for all.
 
@@ -352,17 +349,17 @@ def _is_pointwise_conv(module: nn.Module) -> bool:
     """A 1x1 convolution without padding, dilation or groups: a matrix product at each position."""
     return (
         type(module) is nn.Conv2d
-        and _pair(module.kernel_size) == (1, 1)
+        and pair(module.kernel_size) == (1, 1)
         and module.groups == 1
         and not isinstance(module.padding, str)
-        and _pair(module.padding) == (0, 0)
+        and pair(module.padding) == (0, 0)
     )
 
 
 def _pointwise_matmul(conv: nn.Conv2d, x: Tensor, stride=None) -> Tensor:
     """conv(x) for a 1x1 convolution as one [B*h*w, Cin] x [Cin, Cout] product (channels-last out);
     stride: the convolution's own unless given (windows already subsampled run with (1, 1))."""
-    stride = _pair(conv.stride if stride is None else stride)
+    stride = pair(conv.stride if stride is None else stride)
     if stride != (1, 1):
         x = x[:, :, :: stride[0], :: stride[1]]
     batch, channels, height, width = x.shape
@@ -448,8 +445,8 @@ class SmallMapConv(nn.Module):
 
     def __init__(self, conv: nn.Conv2d, in_hw: tuple[int, int], out_hw: tuple[int, int]) -> None:
         super().__init__()
-        (kh, kw), (sh, sw) = _pair(conv.kernel_size), _pair(conv.stride)
-        (ph, pw), (dh, dw) = _pair(conv.padding), _pair(conv.dilation)
+        (kh, kw), (sh, sw) = pair(conv.kernel_size), pair(conv.stride)
+        (ph, pw), (dh, dw) = pair(conv.padding), pair(conv.dilation)
         weight = conv.weight.detach()  # [Cout, Cin, kh, kw]
         cout, cin = weight.shape[:2]
         (height, width), (out_h, out_w) = in_hw, out_hw
@@ -500,8 +497,8 @@ class TapConv(nn.Module):
 
     def __init__(self, conv: nn.Conv2d, in_hw: tuple[int, int], out_hw: tuple[int, int]) -> None:
         super().__init__()
-        (kh, kw), stride = _pair(conv.kernel_size), _pair(conv.stride)
-        padding, dilation = _pair(conv.padding), _pair(conv.dilation)
+        (kh, kw), stride = pair(conv.kernel_size), pair(conv.stride)
+        padding, dilation = pair(conv.padding), pair(conv.dilation)
         weight = conv.weight.detach()  # [Cout, Cin, kh, kw]
         self.out_hw, self.stride = tuple(out_hw), stride
         taps = []
@@ -560,7 +557,7 @@ def _small_map_convs(gm: fx.GraphModule, max_positions: int = 9) -> int:
         in_shape, out_shape = node.args[0].meta.get("shape"), node.meta.get("shape")
         if in_shape is None or out_shape is None or conv.groups != 1 or conv.padding_mode != "zeros":
             continue
-        if isinstance(conv.padding, str) or out_shape[-2] * out_shape[-1] > max_positions or not any(_pair(conv.padding)):
+        if isinstance(conv.padding, str) or out_shape[-2] * out_shape[-1] > max_positions or not any(pair(conv.padding)):
             continue
         small = SmallMapConv(conv, tuple(in_shape[-2:]), tuple(out_shape[-2:]))
         parent, _, name = node.target.rpartition(".")
@@ -854,13 +851,13 @@ class IncrementalInference:
             and module.groups == 1
             and module.padding_mode == "zeros"
             and not isinstance(module.padding, str)
-            and _pair(module.kernel_size) != (1, 1)
+            and pair(module.kernel_size) != (1, 1)
             and height * width <= 100
         ):
             out_hw = tuple(
                 (n + 2 * p - d * (k - 1) - 1) // s + 1
                 for n, p, d, k, s in zip(
-                    (height, width), _pair(module.padding), _pair(module.dilation), _pair(module.kernel_size), _pair(module.stride)
+                    (height, width), pair(module.padding), pair(module.dilation), pair(module.kernel_size), pair(module.stride)
                 )
             )
             taps = TapConv(module, (height, width), out_hw).to(x.device)
@@ -896,19 +893,19 @@ class IncrementalInference:
         if isinstance(module, nn.Conv2d):
             if module.padding_mode != "zeros" or isinstance(module.padding, str) and module.padding != "valid":
                 return None
-            padding = (0, 0) if module.padding == "valid" else _pair(module.padding)
+            padding = (0, 0) if module.padding == "valid" else pair(module.padding)
             fill = 0.0
         elif isinstance(module, nn.MaxPool2d):
-            padding, fill = _pair(module.padding), float("-inf")
+            padding, fill = pair(module.padding), float("-inf")
         elif isinstance(module, nn.AvgPool2d):
-            padding = _pair(module.padding)
+            padding = pair(module.padding)
             if module.ceil_mode or module.divisor_override or (any(padding) and not module.count_include_pad):
                 return None
             fill = 0.0
         else:
             return None
-        kernel, stride = _pair(module.kernel_size), _pair(module.stride or module.kernel_size)
-        dilation = _pair(getattr(module, "dilation", 1))
+        kernel, stride = pair(module.kernel_size), pair(module.stride or module.kernel_size)
+        dilation = pair(getattr(module, "dilation", 1))
         eff = [d * (k - 1) + 1 for k, d in zip(kernel, dilation)]
         out_h, out_w = base_out.shape[-2:]
         ph, pw = value.size
