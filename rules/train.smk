@@ -5,7 +5,7 @@ rule train:
     input:
         manifest=f"{DATA}/manifest.parquet",
         meta=f"{DATA}/dataset.json",
-        lib=lib("train.py", "data/common.py", "models/registry.py", "models/lenet.py", "models/zfnet.py"),
+        lib=lib("train.py", "data/common.py", "models/registry.py", "models/lenet.py", "models/zfnet.py", "models/data_init.py"),
     output:
         final="results/models/{model}/final.pt",
         history="results/models/{model}/history.parquet",

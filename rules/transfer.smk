@@ -32,7 +32,7 @@ rule transfer:
         model="results/models/{model}/final.pt",
         manifest="results/data/targets/{target}/manifest.parquet",
         meta="results/data/targets/{target}/dataset.json",
-        lib=lib("transfer.py", "probes.py", "train.py"),
+        lib=lib("transfer.py", "probes.py", "train.py", "models/data_init.py"),
     output:
         table="results/transfer/{target}/{model}/probes.parquet",
     log:
