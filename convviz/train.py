@@ -171,8 +171,8 @@ def train_model(
     else:
         log(f"training {model_name} from scratch: {epochs} epochs, {len(train_ds)} train / {len(val_ds)} val images, "
             f"{train_ds.num_classes} classes, {sum(p.numel() for p in model.parameters()):,} parameters, device {dev}")
-        if train_cfg.get("center_init") and not arch_cfg.get("weights"):
-            center_init(model, train_ds, int(train_cfg["center_init"]), seed, dev, log)
+        if not arch_cfg.get("weights"):
+            center_init(model, train_ds, int(train_cfg.get("center_init", 0)), seed, dev, log)
 
     outputs.checkpoint_dir.mkdir(parents=True, exist_ok=True)
     ckpt_epochs = set(train_cfg["checkpoint_epochs"])
@@ -222,7 +222,9 @@ def train_model(
 def center_init(model, dataset, images: int, seed: int, dev, log) -> None:
     """`train.center_init`: centre the hidden layers' biases on `images` seeded training images
     (convviz.models.data_init; nothing changes for layers without biases, e.g. resnet50's convs).
-    dataset: an ImageDataset or anything with len, raw_batch and normalise."""
+    dataset: an ImageDataset or anything with len, raw_batch and normalise. images 0: off."""
+    if images <= 0:
+        return
     if not centred_layers(model):
         log("center_init: no hidden layer has a bias to centre (BatchNorm centres them); nothing changed")
         return

@@ -237,8 +237,7 @@ def scratch_accuracy(
     scaler = torch.amp.GradScaler("cuda", enabled=False)
     renormalize = getattr(model, "renormalize_filters", None)
     train_set = _Subset(dataset, fold.train, _relabel(labels[fold.train], fold.classes))
-    if train_cfg.get("center_init"):
-        center_init(model, train_set, int(train_cfg["center_init"]), seed, device, lambda _m: None)
+    center_init(model, train_set, int(train_cfg.get("center_init", 0)), seed, device, lambda _m: None)
     cfg = {**train_cfg, "num_workers": 0}
     epochs = int(scratch["epochs"])
     # Small batches of small images on a busy CPU: one thread is several times faster than two
