@@ -53,6 +53,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
+from convviz import winograd
 from convviz.deconv_window import pair
 from convviz.machine import fastest_way
 
@@ -621,6 +622,7 @@ class IncrementalInference:
         # fresh multi-megabyte tensors cost a page fault per 4 KiB on first touch.
         self._scratch: dict[tuple, Tensor] = {}
         self._taps: dict[fx.Node, TapConv | None] = {}
+        self._winograd: dict[fx.Node, winograd.WinogradConv] = {}
         self.input_shape: tuple[int, ...] | None = None
         self.base: dict[fx.Node, object] | None = None
 
@@ -638,6 +640,7 @@ class IncrementalInference:
         self._layouts = {}
         self._scratch = {}
         self._taps = {}
+        self._winograd = {}
         self.nodes = list(gm.graph.nodes)
         self.modules = dict(gm.named_modules())
         last_use: dict[fx.Node, int] = {}
@@ -829,6 +832,11 @@ class IncrementalInference:
         taps = self._tap_conv(node, module, x) if fn is module else None
         if taps is not None:
             ways["taps"] = lambda t: taps(t.contiguous(memory_format=torch.channels_last))
+        if fn is module and winograd.applies(module):
+            fast = self._winograd.get(node)
+            if fast is None:
+                fast = self._winograd[node] = winograd.WinogradConv(module).to(x.device)
+            ways["winograd"] = fast
         chosen = self._layouts.get(node)
         if chosen in ways:
             return ways[chosen](x)

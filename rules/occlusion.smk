@@ -8,7 +8,7 @@ rule occlusion:
         manifest=f"{DATA}/manifest.parquet",
         parts=f"{DATA}/parts.parquet",
         meta=f"{DATA}/dataset.json",
-        lib=lib("occlusion.py", "incremental.py", "deconv.py", "deconv_window.py", "display.py", "analysis.py"),
+        lib=lib("occlusion.py", "incremental.py", "winograd.py", "deconv.py", "deconv_window.py", "display.py", "analysis.py"),
     output:
         table="results/occlusion/{model}/occlusion.parquet",
         localisation="results/occlusion/{model}/occlusion_localisation.parquet",

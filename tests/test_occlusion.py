@@ -129,6 +129,7 @@ class Toy(nn.Module):
         self.pool = nn.MaxPool2d(3, 2, padding=1, ceil_mode=True)
         self.dilated = nn.Conv2d(24, 24, 3, padding=2, dilation=2)
         self.conv2 = nn.Conv2d(24, 16, 3, stride=2, padding=1)
+        self.smooth = nn.Conv2d(16, 16, 3, padding=1)  # 3x3 stride 1 on a 5x5 map: Winograd applies
         self.shortcut = nn.Conv2d(24, 16, 1, stride=2)
         self.avg = nn.AvgPool2d(2, stride=1)
         self.relu = nn.ReLU(inplace=True)
@@ -142,7 +143,7 @@ class Toy(nn.Module):
         x = x + torch.relu(self.dilated(x)) * 0.5
         mixed = self.mix(x)
         x = x + self.rectify(mixed) - mixed * 0.25
-        main = self.conv2(x)
+        main = self.smooth(self.conv2(x))
         y = main + self.shortcut(x)
         y = self.avg(self.relu((y + main) * 0.5 - self.rectify(y)))  # main and y are read twice
         y = torch.cat([y, y * 2.0], 1)
@@ -186,17 +187,19 @@ def test_incremental_engine_equals_the_full_forward_on_every_construct(full_frac
         assert torch.allclose(materialise(watched[name], base, len(y0)), hooked[path], atol=1e-5)
         assert torch.allclose(total_per_channel(watched[name], base), hooked[path].sum((2, 3)), rtol=1e-5, atol=1e-4)
     # Each way of running a layer (channels-last, usual layout, 1x1 convolution as a matrix
-    # product, small-map convolution tap by tap) gives the same numbers, whichever the timing
-    # picked above.
-    for way in ("channels_last", "contiguous", "matmul", "taps"):
+    # product, small-map convolution tap by tap, 3x3 convolution by Winograd's F(4x4, 3x3)) gives
+    # the same numbers, whichever the timing picked above.
+    for way in ("channels_last", "contiguous", "matmul", "taps", "winograd"):
         engine._layouts = {node: way for node in engine.nodes if node.op == "call_module"}
         assert torch.allclose(engine.run(Patched(values, y0, x0))[0], reference, rtol=1e-5, atol=1e-5)
     if full_fraction == 1.0:
         # The early maps really are computed as windows (else this test would only check the fallback).
         assert isinstance(watched["pool"], Patched) and watched["pool"].size < tuple(hooked["pool"].shape[-2:])
     else:
-        # ... and the 9x9 maps as whole maps, where the tap-by-tap form exists (else "taps" was not run).
+        # ... and the 9x9 and 5x5 maps as whole maps, where the tap-by-tap and Winograd forms
+        # exist (else "taps" and "winograd" were not run).
         assert any(taps is not None for taps in engine._taps.values())
+        assert engine._winograd
 
 
 @pytest.mark.parametrize("channels", [3, 40])  # read per channel / per position
