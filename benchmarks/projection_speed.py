@@ -3,7 +3,7 @@
 For one layer per model, the top-9 units (image, channel, y, x) of the first `--maps` feature maps
 are mined over `--images` images; then every map's 9 units are projected to pixels
   ours:    convviz.deconv.project, all maps x 9 units at once (the method rule top9 uses: explicit
-           for plain stacks, general autograd for resnet50), signal "one";
+           for plain stacks, the graph deconvnet for resnet50), signal "one";
   captum:  NeuronDeconvolution(model, layer).attribute(the map's 9 images, neuron_selector = each
            image's unit) once per map, the model's parameters frozen as ours are.
 Both produce the same [maps*9, 3, S, S] projections: the benchmark checks that (max relative
@@ -32,7 +32,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from convviz.deconv import project  # noqa: E402
 from convviz.io import write_json  # noqa: E402
 from convviz.machine import device_name  # noqa: E402
-from convviz.models.registry import build_model, get_spec, layer_modules  # noqa: E402
+from convviz.models.registry import build_model, layer_modules  # noqa: E402
+from convviz.top9 import choose_method  # noqa: E402
 from convviz.topk import mine_top9  # noqa: E402
 
 ARCH = {"lenet": {}, "alexnet": {"fc_width": 512}, "zfnet": {"fc_width": 512}, "resnet50": {}}
@@ -112,7 +113,7 @@ def main() -> None:
         model, weights = load_model(name, device)
         layer = LAYER[name]
         module = layer_modules(model, name, [layer])[layer]
-        method = "explicit" if get_spec(name).plain else "general"
+        method = choose_method(name, "auto", model)
         index, ys, xs = top9_units(model, name, layer, images, args.maps, device)
         ours_fn = lambda: ours(model, name, layer, images, index, ys, xs, method)  # noqa: E731
         captum_fn = lambda: captum(model, module, images, index, ys, xs)  # noqa: E731

@@ -24,6 +24,7 @@ from torch import nn
 from convviz.analysis import image_batches, seeded_sample, with_oom_retry
 from convviz.data.common import ImageDataset
 from convviz.deconv import forward_to, project
+from convviz.deconv_graph import graph_unsupported
 from convviz.display import GREY, canvas_side, contrast_normalise, crop_boxes, crop_to_canvas
 from convviz.models.registry import get_spec, layer_modules, resolve_layers
 from convviz.topk import mine_top9
@@ -46,12 +47,18 @@ class LayerProjections:
     patches: np.ndarray
 
 
-def choose_method(model_name: str, method: str) -> str:
-    """auto: the explicit deconvnet for plain stacks (faster: one forward per image), else autograd."""
+def choose_method(model_name: str, method: str, model: nn.Module | None = None) -> str:
+    """auto: the explicit deconvnet for plain stacks, the graph deconvnet for other networks it can
+    trace (both faster: one forward per image), else autograd (`general`). model: checked for
+    what the graph deconvnet handles (None: assumed to be the registry's)."""
     if method == "auto":
-        return "explicit" if get_spec(model_name).plain else "general"
+        if get_spec(model_name).plain:
+            return "explicit"
+        if model is not None and graph_unsupported(model) is not None:
+            return "general"
+        return "graph"
     if method == "explicit" and not get_spec(model_name).plain:
-        raise ValueError(f"top9.method: the explicit deconvnet needs a plain conv/ReLU/pool stack; {model_name} is not (use auto or general)")
+        raise ValueError(f"top9.method: the explicit deconvnet needs a plain conv/ReLU/pool stack; {model_name} is not (use auto, graph or general)")
     return method
 
 
@@ -246,8 +253,8 @@ def run_top9(model_name: str, checkpoint, data_dir, outputs: Top9Outputs, settin
     device = resolve_device(settings["device"])
     batch_size = settings["analysis"]["batch_size"]
     layers = analysis_layers(model_name, settings["layers"])
-    method = choose_method(model_name, settings["method"])
     model, meta = load_for_analysis(checkpoint, device)
+    method = choose_method(model_name, settings["method"], model)
     split = None if settings["split"] == "all" else settings["split"]
     dataset = open_split(data_dir, split, meta["input_size"])
     log(f"{model_name}: top-9 of {len(layers)} layer(s) {layers} over {len(dataset)} {settings['split']} images, {method} deconvnet on {device}")

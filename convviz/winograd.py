@@ -69,13 +69,11 @@ class WinogradConv(nn.Module):
         if not applies(conv):
             raise ValueError(f"WinogradConv needs a 3x3 stride-1 Conv2d without dilation or groups, got {conv}")
         weight = conv.weight.detach()
-        g = torch.tensor(_G, dtype=torch.float64, device=weight.device)
         bt = torch.tensor(_BT, dtype=torch.float64, device=weight.device)
         at = torch.tensor(_AT, dtype=torch.float64, device=weight.device)
         cout, cin = weight.shape[:2]
-        # U[xi, cin, cout] = (G w G^T)[xi] for each channel pair, xi over the 6x6 transformed positions.
-        u = torch.einsum("ik,ockl,jl->ijco", g, weight.double(), g).reshape(SPAN * SPAN, cin, cout)
-        self.register_buffer("u", u.to(weight.dtype).contiguous())
+        self.register_buffer("u", weight.new_empty(SPAN * SPAN, cin, cout))
+        self.set_weight(weight)
         # vec(B^T d B) = kron(B^T, B^T) vec(d); vec(A^T m A) = kron(A^T, A^T) vec(m) (row-major vec).
         self.register_buffer("input_transform", torch.kron(bt, bt).to(weight.dtype))  # [36, 36]
         self.register_buffer("output_transform", torch.kron(at, at).to(weight.dtype))  # [16, 36]
@@ -86,6 +84,13 @@ class WinogradConv(nn.Module):
         self._bias_rows: dict[int, Tensor] = {}
         self._buffers_kept: dict[str, Tensor] = {}
         self._zeroed: tuple | None = None  # (shape, address) of the padded buffer last zeroed
+
+    def set_weight(self, weight: Tensor) -> None:
+        """Transform new filters [Cout, Cin, 3, 3] (same shape) into U (in float64, then cast):
+        U[xi, cin, cout] = (G w G^T)[xi] for each channel pair, xi over the 6x6 transformed positions."""
+        g = torch.tensor(_G, dtype=torch.float64, device=weight.device)
+        u = torch.einsum("ik,ockl,jl->ijco", g, weight.detach().double(), g).reshape(self.u.shape)
+        self.u.copy_(u)
 
     def _bias_row(self, tiles: int) -> Tensor:
         """The bias repeated over the tiles, (tile, cout) order: [tiles * Cout]."""
