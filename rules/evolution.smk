@@ -6,7 +6,7 @@ rule evolution:
         checkpoints="results/models/{model}/checkpoints",
         manifest=f"{DATA}/manifest.parquet",
         meta=f"{DATA}/dataset.json",
-        lib=lib("evolution.py", "top9.py", "topk.py", "deconv.py", "deconv_window.py", "receptive.py", "display.py", "plots.py", "analysis.py"),
+        lib=lib("evolution.py", "top9.py", "topk.py", "deconv.py", "deconv_graph.py", "winograd.py", "deconv_window.py", "receptive.py", "display.py", "plots.py", "analysis.py"),
     output:
         table="results/evolution/{model}/evolution.parquet",
         arrays="results/evolution/{model}/evolution_arrays.npz",

@@ -6,7 +6,7 @@ rule top9:
         model="results/models/{model}/final.pt",
         manifest=f"{DATA}/manifest.parquet",
         meta=f"{DATA}/dataset.json",
-        lib=lib("top9.py", "topk.py", "deconv.py", "deconv_window.py", "receptive.py", "display.py", "plots.py", "analysis.py"),
+        lib=lib("top9.py", "topk.py", "deconv.py", "deconv_graph.py", "winograd.py", "deconv_window.py", "receptive.py", "display.py", "plots.py", "analysis.py"),
     output:
         table="results/top9/{model}/top9.parquet",
         arrays="results/top9/{model}/top9_arrays.npz",
