@@ -6,8 +6,9 @@ davidbau/dissect's runningstats, a small accumulator per layer is fed batch afte
 (`add`) and read at the end (`result`); one pass over a split feeds every layer at once, and
 the state (a [C, k] table and a fixed [C, buffer_size] buffer) does not grow with the dataset.
 
-Per batch and layer: the max over the flattened h*w positions per image and channel (`amax`)
-goes to a fixed-size buffer as a sortable key, with the argmax position of the maps that can
+Per batch and layer: the max over the flattened h*w positions per image and channel (`amax`;
+read off the max-pool right after the layer where there is one, see LayerMiner) goes to a
+fixed-size buffer as a sortable key, with the argmax position of the maps that can
 still make the table; the buffer is merged into the running [C, k] table with one topk (see
 TopKImages). Everything stays on the device, and the only host transfer is in `result` (on
 the CPU, a conv layer also reads one count per batch: no real sync there). On a busy CPU the
@@ -71,10 +72,13 @@ class TopKImages:
         self._filled = 0  # buffered candidate rows (Python ints: reading them needs no sync)
         self._merged = 0  # images folded into the table so far
 
-    def add(self, feature_maps: Tensor, image_ids: Tensor) -> None:
+    def add(self, feature_maps: Tensor, image_ids: Tensor, maxima: Tensor | None = None, low_bits: Tensor | None = None) -> None:
         """Take a batch: feature_maps [B, C, h, w] (conv) or [B, C] (fc), image_ids [B] int64.
 
         Every image index must be fed only once over the whole pass (see the module doc).
+        maxima: the maps' spatial maxima [B, C] when the caller has them for less (LayerMiner
+        reads them off the max-pool after the layer: the same values from a map 4x smaller).
+        low_bits: `index_bits(image_ids)`, when the caller shares it among layers.
         """
         self._check(feature_maps, image_ids)
         device, batch = feature_maps.device, feature_maps.shape[0]
@@ -84,13 +88,13 @@ class TopKImages:
             elif self._filled + batch > min(self.buffer_size, max(self._merged, batch)):
                 self._merge()
             rows = slice(self.k + self._filled, self.k + self._filled + batch)
-            ids = image_ids.to(device=device, dtype=torch.int64).unsqueeze(1)  # [B, 1]
+            if low_bits is None:
+                low_bits = index_bits(image_ids.to(device))
             if feature_maps.dim() == 2:
-                self._keys[rows] = _rank_key(feature_maps, ids)
+                _rank_key(feature_maps, low_bits, out=self._keys[rows])
             else:
                 maps = feature_maps.flatten(2)  # [B, C, h*w]
-                key = _rank_key(maps.amax(dim=2), ids)  # [B, C]
-                self._keys[rows] = key
+                key = _rank_key(maps.amax(dim=2) if maxima is None else maxima, low_bits, out=self._keys[rows])
                 self._write_positions(maps, key, rows)
         self._filled += batch
 
@@ -137,7 +141,7 @@ class TopKImages:
         """(Re)create the state on `device`, the buffer at least `batch` wide, keeping the table."""
         if self._keys is None:
             # Empty slots: value -inf, image -1, below any real entry.
-            table = _rank_key(torch.full((self.k, self.channels), float("-inf")), torch.full((self.k, 1), -1))
+            table = _rank_key(torch.full((self.k, self.channels), float("-inf")), index_bits(torch.full((self.k,), -1)))
             table_flat = torch.zeros((self.k, self.channels), dtype=torch.int64)
         else:
             self._merge()
@@ -177,10 +181,17 @@ _LOW_BITS = 2**32 - 1
 _MAGNITUDE_BITS = 0x7FFFFFFF
 
 
-def _rank_key(values: Tensor, index: Tensor) -> Tensor:
+def index_bits(index: Tensor) -> Tensor:
+    """The low 32 bits of the keys of images `index` [B] (int64, -1 <= index < 2^32 - 2): a
+    column [B, 1], `_INDEX_BASE - index`, so a lower index gives a larger key."""
+    return (_INDEX_BASE - index.to(torch.int64)).unsqueeze(1)
+
+
+def _rank_key(values: Tensor, low_bits: Tensor, out: Tensor | None = None) -> Tensor:
     """int64 keys ordering entries by value (descending), then image index (ascending).
 
-    values: float, any shape; index: int64 broadcastable to it, -1 <= index < 2^32 - 2.
+    values: float, any shape; low_bits: `index_bits(index)`, broadcastable to it. out: where to
+    write the keys (e.g. the rows of the buffer they go to).
     torch.topk promises nothing about ties, and two stable sorts cost several times more, so
     ties are broken inside one integer. High 32 bits: the float32 value's bits as an int32
     that orders like the float (IEEE floats are sign-magnitude: a non-negative float's bits
@@ -190,8 +201,11 @@ def _rank_key(values: Tensor, index: Tensor) -> Tensor:
     """
     # + 0.0 turns -0.0 into +0.0: equal as floats, but not as bits.
     bits = (values.float() + 0.0).view(torch.int32)
-    ordered = bits ^ ((bits >> 31) & _MAGNITUDE_BITS)  # bits >> 31 is -1 for negatives, else 0
-    return (ordered.to(torch.int64) << 32) | (_INDEX_BASE - index)
+    ordered = bits.bitwise_xor_((bits >> 31).bitwise_and_(_MAGNITUDE_BITS))  # >> 31: -1 for negatives, else 0
+    if out is None:
+        out = torch.empty(ordered.shape, dtype=torch.int64, device=ordered.device)
+    out.copy_(ordered)
+    return out.bitwise_left_shift_(32).bitwise_or_(low_bits)
 
 
 def _unpack_key(key: Tensor) -> tuple[Tensor, Tensor]:
@@ -242,12 +256,40 @@ def _has_submodule(model: nn.Module, path: str) -> bool:
     return True
 
 
+def _following_pool(model: nn.Module, module: nn.Module) -> nn.Module | None:
+    """The MaxPool2d right after `module` in the nn.Sequential holding it (a plain stack's
+    conv -> ReLU -> pool), else None."""
+    for parent in model.modules():
+        if isinstance(parent, nn.Sequential):
+            children = list(parent)
+            for index, child in enumerate(children[:-1]):
+                if child is module and type(children[index + 1]) is nn.MaxPool2d:
+                    return children[index + 1]
+    return None
+
+
+def _pool_covers(pool: nn.MaxPool2d, in_hw: Sequence[int], out_hw: Sequence[int]) -> bool:
+    """Whether every input position lies in some window of `pool` (then the largest pooled value
+    is the largest value of the map: max-pooling only copies values, padding adds -inf)."""
+    kernel, stride, padding, dilation = (
+        (value, value) if isinstance(value, int) else tuple(value) for value in (pool.kernel_size, pool.stride, pool.padding, pool.dilation)
+    )
+    return all(
+        d == 1 and k >= s and (n_out - 1) * s - p + k >= n_in
+        for k, s, p, d, n_in, n_out in zip(kernel, stride, padding, dilation, in_hw, out_hw)
+    )
+
+
 class LayerMiner:
     """Forward hooks feeding one TopKImages per layer; `feed` batches, then read `result`.
 
     Use as a context manager: entering registers the hooks and puts the model in eval mode,
     leaving removes them and restores the mode. Each hook reduces its layer's output at once,
-    so the map can be freed and later in-place ops cannot touch it first.
+    so the map can be freed and later in-place ops cannot touch it first -- except where a
+    max-pool follows the layer in a plain stack (conv -> ReLU -> pool): there the spatial maxima
+    are read off the pooled map, 4x smaller (the same values: max-pooling copies them), when
+    that pool runs on the very tensor the layer returned and its windows cover the map; the map
+    is held until then (only the pool runs in between, which does not change its input).
     """
 
     def __init__(
@@ -263,6 +305,9 @@ class LayerMiner:
         self.model, self.k = model, k
         self.threads = busy_machine_threads() if mining_threads == "auto" else mining_threads
         self.modules = _resolve_modules(model, layers, model_name)
+        self.pools = {name: pool for name, module in self.modules.items() if (pool := _following_pool(model, module)) is not None}
+        self._held: dict[str, Tensor] = {}  # layer -> its map, waiting for the pool after it
+        self._low: Tensor | None = None
         self.accumulators: dict[str, TopKImages] = {}
         self.images = 0
         self._ids: Tensor | None = None
@@ -272,6 +317,7 @@ class LayerMiner:
 
     def __enter__(self) -> LayerMiner:
         self._handles = [module.register_forward_hook(self._hook(name)) for name, module in self.modules.items()]
+        self._handles += [pool.register_forward_hook(self._pool_hook(name)) for name, pool in self.pools.items()]
         self._was_training = self.model.training
         self.model.eval()
         return self
@@ -284,9 +330,13 @@ class LayerMiner:
 
     def feed(self, images: Tensor, image_ids: Tensor) -> None:
         """One forward pass: images [B, 3, H, W] and image_ids [B] on the model's device."""
-        self._ids, self._fired = image_ids, set()
+        self._ids, self._fired, self._held = image_ids, set(), {}
+        self._low = index_bits(image_ids)  # shared by every layer's keys
         with torch.inference_mode():
             self.model(images)
+            for name, held in self._held.items():  # the pool did not run on it: reduce it here
+                self._add(name, held)
+        self._held = {}
         if len(self._fired) != len(self.modules):
             missing = [name for name in self.modules if name not in self._fired]
             raise RuntimeError(f"layer(s) {missing} produced no output in the forward pass")
@@ -298,15 +348,35 @@ class LayerMiner:
             raise ValueError("no batches were mined")
         return {name: self.accumulators[name].result() for name in self.modules}
 
+    def _add(self, name: str, output: Tensor, maxima: Tensor | None = None) -> None:
+        if name not in self.accumulators:
+            self.accumulators[name] = TopKImages(output.shape[1], self.k, threads=self.threads)
+        self.accumulators[name].add(output, self._ids, maxima=maxima, low_bits=self._low)
+
     def _hook(self, name: str):
         def hook(_module, _inputs, output):
             if name in self._fired:
                 # Feeding the same images twice would break distinctness (module doc).
                 raise RuntimeError(f"layer {name!r}: its module ran twice in one forward pass; hook one that runs once")
-            if name not in self.accumulators:
-                self.accumulators[name] = TopKImages(output.shape[1], self.k, threads=self.threads)
-            self.accumulators[name].add(output, self._ids)
             self._fired.add(name)
+            if name in self.pools and output.dim() == 4:
+                self._held[name] = output  # reduced when the pool after it has run
+            else:
+                self._add(name, output)
+
+        return hook
+
+    def _pool_hook(self, name: str):
+        def hook(pool, inputs, output):
+            held = self._held.pop(name, None)
+            if held is None:
+                return
+            if inputs[0] is held and _pool_covers(pool, held.shape[-2:], output.shape[-2:]):
+                with cpu_threads(held.device, self.threads):
+                    maxima = output.flatten(2).amax(dim=2)
+                self._add(name, held, maxima)
+            else:
+                self._add(name, held)
 
         return hook
 

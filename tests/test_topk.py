@@ -193,6 +193,37 @@ def test_mine_top9_matches_brute_force_on_every_layer():
         assert_equal_to_brute_force(result[name], maps, ids, 9)
 
 
+@pytest.mark.parametrize(
+    "pool, covers",
+    [
+        (nn.MaxPool2d(2), False),  # 13x13 map, floor mode: the last row and column are in no window
+        (nn.MaxPool2d(2, ceil_mode=True), True),
+        (nn.MaxPool2d(3, 2, padding=1), True),  # overlapping windows (AlexNet-style)
+        (nn.MaxPool2d(3, 2), True),
+        (nn.MaxPool2d(1, 2), False),  # windows with gaps between them
+    ],
+)
+def test_maxima_read_off_the_following_pool_only_where_its_windows_cover_the_map(pool, covers):
+    """A layer followed by a max-pool has its spatial maxima read off the pooled map; where the
+    pool misses positions the map itself is reduced. Either way: the brute-force result, here on
+    maps whose largest values sit in the last row or column (the positions a floor-mode pool drops)."""
+    from convviz.topk import LayerMiner, _pool_covers
+
+    gen = torch.Generator().manual_seed(0)
+    images = torch.rand(11, 3, 13, 13, generator=gen)
+    images[::2, 0, 12, 3] = 5.0 + torch.arange(6.0)  # the maxima where floor-mode 2x2 pooling never looks
+    images[1::2, 1, 4, 12] = 5.0 + torch.arange(5.0)
+    model = nn.Sequential(nn.ReLU(), pool, nn.Flatten())
+    ids = torch.arange(11) + 3
+    with LayerMiner(model, {"relu": model[0]}, k=4) as miner:
+        assert miner.pools == {"relu": pool}
+        for chunk in (slice(0, 5), slice(5, 11)):
+            miner.feed(images[chunk], ids[chunk])
+        result = miner.result()
+    assert _pool_covers(pool, (13, 13), pool(images[:1]).shape[-2:]) is covers
+    assert_equal_to_brute_force(result["relu"], images.clamp_min(0), ids, 4)
+
+
 def test_mine_top9_is_independent_of_batching_and_restores_mode():
     model = tiny_net().train()
     threads = torch.get_num_threads()
@@ -246,11 +277,11 @@ def test_mine_top9_rejects_a_module_that_runs_twice():
 
 
 def test_rank_key_orders_by_value_then_lower_index_and_round_trips():
-    from convviz.topk import _rank_key, _unpack_key
+    from convviz.topk import _rank_key, _unpack_key, index_bits
 
     values = torch.tensor([0.0, -0.0, 1.5, -1.5, float("inf"), float("-inf"), 1e-40, -1e-40, 3e38, -3e38, 1.5, 0.0])
     index = torch.tensor([5, 3, 7, 2, 9, -1, 4, 8, 2**32 - 3, 0, 6, 1])
-    key = _rank_key(values, index)
+    key = _rank_key(values, index_bits(index).squeeze(1))
     by_key = key.argsort(descending=True).tolist()
     expected = sorted(range(len(values)), key=lambda i: (-float(values[i]), int(index[i])))
     assert by_key == expected
