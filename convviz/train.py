@@ -10,6 +10,8 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -169,6 +171,7 @@ def train_model(
         start_epoch = resumed_from + 1
         log(f"resuming {model_name} from epoch {state['epoch']} of {epochs} ({outputs.resume})")
     else:
+        _drop_kept_epochs(outputs)  # from another run: this one starts afresh
         log(f"training {model_name} from scratch: {epochs} epochs, {len(train_ds)} train / {len(val_ds)} val images, "
             f"{train_ds.num_classes} classes, {sum(p.numel() for p in model.parameters()):,} parameters, device {dev}")
         if not arch_cfg.get("weights"):
@@ -208,6 +211,7 @@ def train_model(
         extra={"classes": list(train_ds.meta["classes"]), "mean": train_ds.meta["mean"], "std": train_ds.meta["std"]},
     )
     write_parquet(table, outputs.history)
+    _publish_epochs(outputs)
     if outputs.curves is not None:
         from convviz.plots import plot_training_curves
 
@@ -301,9 +305,37 @@ def _train_one_epoch(model, dataset, optimizer, scaler, dev, seed, epoch, batch_
 
 
 def _save_epoch(outputs, model_name, model, epoch, dataset, arch_cfg) -> None:
-    path = outputs.checkpoint_dir / f"epoch_{epoch:03d}.pt"
+    """An epoch checkpoint, kept beside the resume state until the run completes: Snakemake
+    deletes the checkpoint directory (an output) before rerunning a killed job, and the resumed
+    run must still publish the epochs trained before the kill (`_publish_epochs`)."""
+    path = outputs.resume.parent / f"epoch_{epoch:03d}.pt"
     save_checkpoint(path, model_name, model, epoch=epoch, num_classes=dataset.num_classes,
                     input_size=dataset.image_size, arch_cfg=arch_cfg)
+
+
+def _publish_epochs(outputs) -> None:
+    """At the end of a run: the kept epoch checkpoints into the checkpoint directory (hard links
+    where the file system allows), then the resume state and the kept files are removed, so that
+    a later rerun (a changed config or code) trains from scratch instead of resuming a finished
+    run. A kill before the resume state is gone leaves everything to publish again."""
+    outputs.checkpoint_dir.mkdir(parents=True, exist_ok=True)
+    kept = sorted(outputs.resume.parent.glob("epoch_*.pt"))
+    for path in kept:
+        target = outputs.checkpoint_dir / path.name
+        target.unlink(missing_ok=True)
+        try:
+            os.link(path, target)
+        except OSError:
+            shutil.copy2(path, target)
+    outputs.resume.unlink(missing_ok=True)
+    for path in kept:
+        path.unlink(missing_ok=True)
+
+
+def _drop_kept_epochs(outputs) -> None:
+    """Remove epoch checkpoints kept by an earlier, different run (see `_save_epoch`)."""
+    for path in outputs.resume.parent.glob("epoch_*.pt"):
+        path.unlink()
 
 
 def _save_resume(path: Path, run_id: str, epoch: int, model, optimizer, scaler, history: list[dict]) -> None:

@@ -61,6 +61,35 @@ def test_resumed_run_ends_with_the_same_weights_as_an_uninterrupted_one(tmp_path
     assert list(history["resumed_from_epoch"]) == [0, 0, 1, 1, 1, 1]  # the history records the resume
 
 
+def test_a_resumed_job_publishes_the_checkpoints_of_epochs_before_the_kill(tmp_path, tiny_dataset):
+    """Snakemake deletes a failed job's outputs, the checkpoint directory among them, before the
+    rerun: the epochs saved before the interruption must still end up there."""
+    import shutil
+
+    run(tmp_path, tiny_dataset, stop_after_epoch=1)
+    shutil.rmtree(tmp_path / "ckpt", ignore_errors=True)  # what Snakemake does before the rerun
+    history = run(tmp_path, tiny_dataset)
+    assert list(history["resumed_from_epoch"]) == [0, 0, 1, 1, 1, 1]
+    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["epoch_001.pt", "epoch_003.pt"]
+    assert load_checkpoint(tmp_path / "ckpt" / "epoch_001.pt")["epoch"] == 1
+
+
+def test_a_finished_run_leaves_no_resume_state_so_a_rerun_trains_afresh(tmp_path, tiny_dataset):
+    """Rerunning a completed job (Snakemake does when its code or config changes) must train
+    again, not "resume" after the last epoch with nothing to do and no epoch checkpoints."""
+    import shutil
+
+    run(tmp_path, tiny_dataset)
+    assert not (tmp_path / "resume" / "last.pt").exists() and not list((tmp_path / "resume").glob("*.pt"))
+    shutil.rmtree(tmp_path / "ckpt")
+    (tmp_path / "final.pt").unlink()
+    lines = []
+    history = run(tmp_path, tiny_dataset, log=lines.append)
+    assert any("from scratch" in line for line in lines)
+    assert set(history["resumed_from_epoch"]) == {0}
+    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["epoch_001.pt", "epoch_003.pt"]
+
+
 def test_biases_are_centred_when_training_starts_from_scratch_not_on_resume(tmp_path, tiny_dataset):
     first, second = [], []
     run(tmp_path, tiny_dataset, log=first.append, stop_after_epoch=1)
