@@ -160,6 +160,12 @@ def train_model(
     resumed_from = 0
 
     state = _load_resume(outputs.resume, run_id, log)
+    if state is not None and int(state["epoch"]) >= epochs and not _epochs_kept(outputs, train_cfg, epochs):
+        # A finished run's state without its epoch checkpoints (kept by versions before they
+        # waited beside it): resuming would publish none. Train again.
+        log(f"ignoring resume state {outputs.resume}: it is of a finished run whose epoch checkpoints are gone; "
+            "starting from scratch")
+        state = None
     if state is not None:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
@@ -330,6 +336,12 @@ def _publish_epochs(outputs) -> None:
     outputs.resume.unlink(missing_ok=True)
     for path in kept:
         path.unlink(missing_ok=True)
+
+
+def _epochs_kept(outputs, train_cfg: dict, epochs: int) -> bool:
+    """Whether every checkpoint epoch of the run waits beside the resume state."""
+    wanted = [e for e in train_cfg["checkpoint_epochs"] if e <= epochs]
+    return all((outputs.resume.parent / f"epoch_{e:03d}.pt").exists() for e in wanted)
 
 
 def _drop_kept_epochs(outputs) -> None:

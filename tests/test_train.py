@@ -90,6 +90,18 @@ def test_a_finished_run_leaves_no_resume_state_so_a_rerun_trains_afresh(tmp_path
     assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["epoch_001.pt", "epoch_003.pt"]
 
 
+def test_a_finished_state_without_its_checkpoints_is_not_resumed(tmp_path, tiny_dataset):
+    """A finished run's resume state left by an older version (epoch checkpoints written straight
+    to the output directory, which Snakemake has since deleted): train again, publish them all."""
+    run(tmp_path, tiny_dataset, stop_after_epoch=3)  # every epoch done, nothing published yet
+    for kept in (tmp_path / "resume").glob("epoch_*.pt"):
+        kept.unlink()
+    lines = []
+    history = run(tmp_path, tiny_dataset, log=lines.append)
+    assert any("finished run" in line for line in lines) and set(history["resumed_from_epoch"]) == {0}
+    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["epoch_001.pt", "epoch_003.pt"]
+
+
 def test_biases_are_centred_when_training_starts_from_scratch_not_on_resume(tmp_path, tiny_dataset):
     first, second = [], []
     run(tmp_path, tiny_dataset, log=first.append, stop_after_epoch=1)
