@@ -179,7 +179,7 @@ class GraphDeconvnet:
         }
         self._folded: dict[fx.Node, nn.Conv2d] = {}
         self._winograd: dict[fx.Node, winograd.WinogradConv] = {}
-        self._ways: dict[tuple, str] = {}  # (node, signal shape, device) -> the way measured fastest
+        self._ways: dict[tuple, str] = {}  # (node, signal shape, device, dtype) -> the way measured fastest
         self.force_way: str | None = None
 
     def _check(self, node: fx.Node) -> None:
@@ -274,12 +274,16 @@ class GraphDeconvnet:
             if bn.weight is not None:
                 scale = scale * bn.weight.detach()
             folded = self._folded.get(bn_node)
-            if folded is None or folded.weight.device != conv.weight.device:
+            if folded is None or (folded.weight.device, folded.weight.dtype) != (conv.weight.device, conv.weight.dtype):
                 folded = self._folded[bn_node] = _bias_free_copy(conv)
             with torch.no_grad():
                 folded.weight.copy_(conv.weight * scale.view(-1, 1, 1, 1))
-        for key, fast in self._winograd.items():
-            fast.set_weight(_transposed_as_conv(self._conv_of(key).weight.detach()))
+        for key, fast in list(self._winograd.items()):
+            weight = self._conv_of(key).weight.detach()
+            if (fast.u.device, fast.u.dtype) != (weight.device, weight.dtype):  # the model moved
+                self._winograd[key] = winograd.WinogradConv(_as_conv(self._conv_of(key)))
+            else:
+                fast.set_weight(_transposed_as_conv(weight))
 
     def _conv_of(self, node: fx.Node) -> nn.Conv2d:
         """The convolution whose transposed filters node's adjoint applies (folded for a BatchNorm)."""
@@ -303,7 +307,7 @@ class GraphDeconvnet:
             ways["matmul"] = lambda g: _pointwise_transposed(g, conv, in_hw)
         if self.force_way in ways:  # tests: one way everywhere it applies
             return ways[self.force_way](grad)
-        key = (node, tuple(grad.shape[1:]), grad.device)
+        key = (node, tuple(grad.shape[1:]), grad.device, grad.dtype)
         chosen = self._ways.get(key)
         if chosen is None:
             chosen = self._ways[key] = fastest_way(ways, grad[:_TUNE_ROWS])[0]
@@ -389,7 +393,8 @@ class GraphDeconvnet:
         itself when there is no max-pool below `top`; None when no such pool exists (then every
         unit runs the whole way down)."""
         ancestors = self._ancestors(top)
-        pools = [n for n in ancestors if n.op == "call_module" and isinstance(self.modules[n.target], nn.MaxPool2d)]
+        # The layer itself counts when it is a max-pool: its unpooling needs each image's switches.
+        pools = [n for n in ancestors | {top} if n.op == "call_module" and isinstance(self.modules[n.target], nn.MaxPool2d)]
         if not pools:
             return self.input
         for pool in sorted(pools, key=self.order.get, reverse=True):
@@ -421,6 +426,13 @@ class GraphDeconvnet:
             return out
         top = self.node_for(layer)
         self.refresh()
+        try:
+            return self._project(images, top, parsed, signal, chunk_size, out)
+        finally:
+            for fast in self._winograd.values():  # its buffers are sized for this call's chunks
+                fast.release()
+
+    def _project(self, images: Tensor, top: fx.Node, parsed, signal: str, chunk_size: int | None, out: Tensor) -> Tensor:
         used, rows = torch.unique(parsed.batch, return_inverse=True)
         rows = rows.to(images.device)
         distinct_images = images[used.to(images.device)]

@@ -87,13 +87,15 @@ def run_evolution(model_name: str, checkpoint_dir, data_dir, outputs: EvolutionO
     device = resolve_device(settings["device"])
     batch_size = settings["analysis"]["batch_size"]
     layers = analysis_layers(model_name, settings["layers"], key="evolution.layers")
-    method = choose_method(model_name, settings["method"])
+    method = None  # chosen on the first checkpoint's model (auto: what its graph allows)
     epochs = checkpoint_epochs(checkpoint_dir)
     dataset = None
     rows, arrays = [], {}
     per_epoch: dict[str, list[np.ndarray]] = {layer: [] for layer in layers}
     for epoch, path in epochs:
         model, meta = load_for_analysis(path, device)
+        if method is None:
+            method = choose_method(model_name, settings["method"], model)
         if dataset is None:
             split = None if settings["split"] == "all" else settings["split"]
             dataset = open_split(data_dir, split, meta["input_size"])

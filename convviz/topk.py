@@ -88,7 +88,7 @@ class TopKImages:
             elif self._filled + batch > min(self.buffer_size, max(self._merged, batch)):
                 self._merge()
             rows = slice(self.k + self._filled, self.k + self._filled + batch)
-            if low_bits is None:
+            if low_bits is None or low_bits.device != device:
                 low_bits = index_bits(image_ids.to(device))
             if feature_maps.dim() == 2:
                 _rank_key(feature_maps, low_bits, out=self._keys[rows])

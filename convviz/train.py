@@ -160,10 +160,11 @@ def train_model(
     resumed_from = 0
 
     state = _load_resume(outputs.resume, run_id, log)
-    if state is not None and int(state["epoch"]) >= epochs and not _epochs_kept(outputs, train_cfg, epochs):
-        # A finished run's state without its epoch checkpoints (kept by versions before they
-        # waited beside it): resuming would publish none. Train again.
-        log(f"ignoring resume state {outputs.resume}: it is of a finished run whose epoch checkpoints are gone; "
+    if state is not None and not _epochs_kept(outputs, train_cfg, min(int(state["epoch"]), epochs)):
+        # A state whose earlier epoch checkpoints are gone (versions before they waited beside
+        # it wrote them to the output directory, which Snakemake deletes before a rerun; and a
+        # finished run's state is one of those): resuming would never publish them. Train again.
+        log(f"ignoring resume state {outputs.resume}: the epoch checkpoints of the epochs it covers are gone; "
             "starting from scratch")
         state = None
     if state is not None:
@@ -222,6 +223,7 @@ def train_model(
         from convviz.plots import plot_training_curves
 
         plot_training_curves(table, model_name, outputs.curves)
+    _forget_resume(outputs)  # last: a failure before here reruns as a resume, not from scratch
     final_val = table[table["split"] == "val"].tail(1)
     summary = f"val top1 {float(final_val['top1'].iloc[0]):.3f}" if len(final_val) else "no epochs run"
     log(f"done: {model_name} {epochs} epochs, {summary}, chance {1 / train_ds.num_classes:.3f}, "
@@ -321,26 +323,28 @@ def _save_epoch(outputs, model_name, model, epoch, dataset, arch_cfg) -> None:
 
 def _publish_epochs(outputs) -> None:
     """At the end of a run: the kept epoch checkpoints into the checkpoint directory (hard links
-    where the file system allows), then the resume state and the kept files are removed, so that
-    a later rerun (a changed config or code) trains from scratch instead of resuming a finished
-    run. A kill before the resume state is gone leaves everything to publish again."""
+    where the file system allows, else copies); they stay kept until `_forget_resume`."""
     outputs.checkpoint_dir.mkdir(parents=True, exist_ok=True)
-    kept = sorted(outputs.resume.parent.glob("epoch_*.pt"))
-    for path in kept:
+    for path in sorted(outputs.resume.parent.glob("epoch_*.pt")):
         target = outputs.checkpoint_dir / path.name
         target.unlink(missing_ok=True)
         try:
             os.link(path, target)
         except OSError:
             shutil.copy2(path, target)
+
+
+def _forget_resume(outputs) -> None:
+    """After a completed run: the resume state and the kept epoch checkpoints are removed, so a
+    later rerun (a changed config or code) trains from scratch instead of resuming a finished
+    run. A kill before this leaves everything to resume and publish again."""
     outputs.resume.unlink(missing_ok=True)
-    for path in kept:
-        path.unlink(missing_ok=True)
+    _drop_kept_epochs(outputs)
 
 
-def _epochs_kept(outputs, train_cfg: dict, epochs: int) -> bool:
-    """Whether every checkpoint epoch of the run waits beside the resume state."""
-    wanted = [e for e in train_cfg["checkpoint_epochs"] if e <= epochs]
+def _epochs_kept(outputs, train_cfg: dict, upto: int) -> bool:
+    """Whether every checkpoint epoch up to `upto` waits beside the resume state."""
+    wanted = [e for e in train_cfg["checkpoint_epochs"] if e <= upto]
     return all((outputs.resume.parent / f"epoch_{e:03d}.pt").exists() for e in wanted)
 
 

@@ -83,7 +83,7 @@ class WinogradConv(nn.Module):
         self.out_channels = cout
         self._bias_rows: dict[int, Tensor] = {}
         self._buffers_kept: dict[str, Tensor] = {}
-        self._zeroed: tuple | None = None  # (shape, address) of the padded buffer last zeroed
+        self._zeroed: tuple | None = None  # (shape, address, input size) the padded buffer was zeroed for
 
     def set_weight(self, weight: Tensor) -> None:
         """Transform new filters [Cout, Cin, 3, 3] (same shape) into U (in float64, then cast):
@@ -91,6 +91,12 @@ class WinogradConv(nn.Module):
         g = torch.tensor(_G, dtype=torch.float64, device=weight.device)
         u = torch.einsum("ik,ockl,jl->ijco", g, weight.detach().double(), g).reshape(self.u.shape)
         self.u.copy_(u)
+
+    def release(self) -> None:
+        """Free the buffers kept between calls (they are made again on the next call)."""
+        self._buffers_kept.clear()
+        self._bias_rows.clear()
+        self._zeroed = None
 
     def _bias_row(self, tiles: int) -> Tensor:
         """The bias repeated over the tiles, (tile, cout) order: [tiles * Cout]."""
@@ -123,9 +129,12 @@ class WinogradConv(nn.Module):
         # at the end): only the interior is written, so the border stays zero from call to call.
         padded_shape = (batch, ty * TILE + 2, tx * TILE + 2, channels)
         padded = self._scratch("padded", padded_shape, x)
-        if self._zeroed != (padded_shape, padded.data_ptr()):  # a new buffer or a new shape in it
+        # Zeroed again for a new buffer, a new shape in it, or a new interior (a smaller map in the
+        # same tiles would leave the last call's values where its padding is).
+        layout = (padded_shape, padded.data_ptr(), height, width)
+        if self._zeroed != layout:
             padded.zero_()
-            self._zeroed = (padded_shape, padded.data_ptr())
+            self._zeroed = layout
         padded[:, ph : ph + height, pw : pw + width].copy_(x.permute(0, 2, 3, 1))
         tiles = padded.unfold(1, SPAN, TILE).unfold(2, SPAN, TILE)  # [B, ty, tx, Cin, 6, 6]
         columns = self._scratch("a", (SPAN, SPAN, batch, ty, tx, channels), x)

@@ -127,6 +127,21 @@ def test_the_split_is_the_max_pool_every_path_passes(branchy):
     assert_close(deconv.project(images, twin.top, units), expected)
 
 
+@pytest.mark.parametrize("signal", ["activation", "one"])
+def test_a_layer_that_is_a_max_pool_unpools_with_each_images_switches(signal):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(6, 4, 3), nn.ReLU(),
+                          nn.MaxPool2d(2)).eval()
+    images = torch.randn(3, 3, 16, 16, generator=torch.Generator().manual_seed(5))
+    for layer in ("2", "5"):
+        with torch.no_grad():
+            acts = forward_to(model, model.get_submodule(layer), images)
+        units = units_of(acts, 5, 0)
+        units = torch.cat([units, units[:2] * torch.tensor([0, 1, 1, 1]) + torch.tensor([2, 0, 0, 0])])  # same keys, image 2
+        expected = project(model, layer, images, units, method="general", signal=signal)
+        assert_close(GraphDeconvnet(model).project(images, model.get_submodule(layer), units, signal=signal), expected)
+
+
 @pytest.mark.parametrize("layer", ["layer1", "layer3", "pool"])
 def test_graph_equals_autograd_on_resnet50(layer):
     torch.manual_seed(0)

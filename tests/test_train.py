@@ -98,7 +98,18 @@ def test_a_finished_state_without_its_checkpoints_is_not_resumed(tmp_path, tiny_
         kept.unlink()
     lines = []
     history = run(tmp_path, tiny_dataset, log=lines.append)
-    assert any("finished run" in line for line in lines) and set(history["resumed_from_epoch"]) == {0}
+    assert any("checkpoints of the epochs it covers are gone" in line for line in lines)
+    assert set(history["resumed_from_epoch"]) == {0}
+    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["epoch_001.pt", "epoch_003.pt"]
+
+
+def test_a_state_from_before_kept_checkpoints_is_not_resumed_mid_run(tmp_path, tiny_dataset):
+    """A run interrupted under an older version (its epoch 1 checkpoint written to the output
+    directory, since deleted): resuming would never publish epoch 1, so it trains afresh."""
+    run(tmp_path, tiny_dataset, stop_after_epoch=2)
+    (tmp_path / "resume" / "epoch_001.pt").unlink()
+    history = run(tmp_path, tiny_dataset)
+    assert set(history["resumed_from_epoch"]) == {0}
     assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["epoch_001.pt", "epoch_003.pt"]
 
 

@@ -58,6 +58,19 @@ def test_buffers_reused_across_sizes_keep_their_zero_border_and_never_alias_the_
     assert (again.double() - reference(conv, small)).abs().max() <= 2e-5 * reference(conv, small).abs().max()
 
 
+def test_a_smaller_map_in_the_same_tiles_sees_zero_padding():
+    """6x6 then 5x5 inputs share the padded buffer's shape (two tiles a side): the 5x5 call must
+    not read the 6x6 call's last row and column where its padding is."""
+    torch.manual_seed(0)
+    conv = nn.Conv2d(4, 5, 3, padding=1).eval()
+    fast = WinogradConv(conv)
+    with torch.no_grad():
+        for size in (6, 5, 6, 7, 5):
+            x = torch.randn(2, 4, size, size) * 10
+            expected = reference(conv, x)
+            assert (fast(x).double() - expected).abs().max() <= 2e-5 * expected.abs().max(), size
+
+
 @pytest.mark.parametrize(
     "conv, ok",
     [
