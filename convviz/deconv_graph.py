@@ -52,6 +52,7 @@ from convviz.deconv import (
     parse_units,
 )
 from convviz.deconv_window import pair
+from convviz.incremental import is_pointwise_conv, module_node
 from convviz.machine import fastest_way
 
 _ADDS = (operator.add, torch.add)
@@ -60,25 +61,6 @@ _PASS_ON = (nn.Dropout, nn.Identity, nn.LocalResponseNorm)
 _KNOWN_MODULES = (
     nn.Conv2d, nn.BatchNorm2d, nn.ReLU, nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.Linear, nn.Flatten, *_PASS_ON
 )
-
-
-def _module_output_node(gm: fx.GraphModule, path: str) -> fx.Node:
-    """The node holding module `path`'s output: its own call, or the last node traced inside it."""
-    found = None
-    for node in gm.graph.nodes:
-        if node.op == "call_module" and (node.target == path or node.target.startswith(path + ".")):
-            found = node
-        elif any(key == path or key.startswith(path + ".") for key in _stack_paths(node)):
-            found = node
-    if found is None:
-        raise ValueError(f"module {path!r} is not called in the traced forward pass")
-    return found
-
-
-def _stack_paths(node: fx.Node) -> list[str]:
-    """The module paths a call_function/call_method node was traced inside (fx's nn_module_stack)."""
-    stack = node.meta.get("nn_module_stack", {})
-    return [value[0] if isinstance(value, tuple) else str(key) for key, value in stack.items()]
 
 
 def _bias_free_copy(conv: nn.Conv2d) -> nn.Conv2d:
@@ -105,14 +87,6 @@ def _as_conv(conv: nn.Conv2d) -> nn.Conv2d:
     with torch.no_grad():
         twin.weight.copy_(_transposed_as_conv(conv.weight.detach()))
     return twin.requires_grad_(False)
-
-
-def _is_pointwise(conv: nn.Conv2d) -> bool:
-    """A 1x1 convolution without padding or groups (any stride): a matrix product per position."""
-    return (
-        type(conv) is nn.Conv2d and pair(conv.kernel_size) == (1, 1) and conv.groups == 1
-        and not isinstance(conv.padding, str) and pair(conv.padding) == (0, 0)
-    )
 
 
 def _pointwise_transposed(signal: Tensor, conv: nn.Conv2d, in_hw) -> Tensor:
@@ -181,6 +155,7 @@ class GraphDeconvnet:
         self._winograd: dict[fx.Node, winograd.WinogradConv] = {}
         self._ways: dict[tuple, str] = {}  # (node, signal shape, device, dtype) -> the way measured fastest
         self.force_way: str | None = None
+        self._splits: dict[fx.Node, fx.Node | None] = {}
 
     def _check(self, node: fx.Node) -> None:
         if node.op in ("placeholder", "output", "get_attr"):
@@ -206,7 +181,7 @@ class GraphDeconvnet:
         """The graph node whose output is `layer`'s (a module of the model)."""
         for module, path in self._paths:
             if module is layer:
-                return _module_output_node(self.gm, path)
+                return module_node(self.gm, path)
         raise ValueError("the layer module is not part of the model")
 
     # ---- forward
@@ -303,7 +278,7 @@ class GraphDeconvnet:
             if fast is None:
                 fast = self._winograd[node] = winograd.WinogradConv(_as_conv(conv))
             ways["winograd"] = fast
-        if _is_pointwise(conv):
+        if is_pointwise_conv(conv):
             ways["matmul"] = lambda g: _pointwise_transposed(g, conv, in_hw)
         if self.force_way in ways:  # tests: one way everywhere it applies
             return ways[self.force_way](grad)
@@ -391,7 +366,12 @@ class GraphDeconvnet:
         """The max-pool below `top` above which nothing depends on the image: one that every path
         from the input to `top` passes, with no other max-pool between it and `top`. The input
         itself when there is no max-pool below `top`; None when no such pool exists (then every
-        unit runs the whole way down)."""
+        unit runs the whole way down). Found once per node."""
+        if top not in self._splits:
+            self._splits[top] = self._find_split(top)
+        return self._splits[top]
+
+    def _find_split(self, top: fx.Node) -> fx.Node | None:
         ancestors = self._ancestors(top)
         # The layer itself counts when it is a max-pool: its unpooling needs each image's switches.
         pools = [n for n in ancestors | {top} if n.op == "call_module" and isinstance(self.modules[n.target], nn.MaxPool2d)]
@@ -436,22 +416,23 @@ class GraphDeconvnet:
         used, rows = torch.unique(parsed.batch, return_inverse=True)
         rows = rows.to(images.device)
         distinct_images = images[used.to(images.device)]
-        probe = self.forward(images[:1], top)  # the shapes above the split, and the layer's
+        split = self.split_node(top)
+        if signal == "one" and parsed.pos is not None and split is not None:
+            # No activation value is needed: the images go forward only to the split (not at all
+            # without a max-pool below); one image gives the shapes above it and the layer's.
+            probe = self.forward(images[:1], top)
+            record = self.forward(distinct_images, split) if split is not self.input else None
+        else:
+            record = probe = self.forward(distinct_images, top)
         if probe.value.ndim == 4 and parsed.pos is None:  # whole maps: a different signal per image
-            record = self.forward(distinct_images, top)
             for start, end in _chunks(len(parsed), chunk_size, "graph", images):
                 seed = layer_signal(record.value[rows[start:end]], parsed.rows(start, end), signal)
                 out[start:end] = self.backward(top, seed, record, rows[start:end])
             return out
         where = _unit_index(probe.value.shape, parsed, images.device)
-        split = self.split_node(top)
         if signal == "one":
             values = torch.ones(len(parsed), device=images.device)
-            record = self.forward(distinct_images, split) if split not in (None, self.input) else None
-            if split is None:
-                record = self.forward(distinct_images, top)
         else:
-            record = self.forward(distinct_images, top)
             values = record.value[(rows,) + where]
         if split is None:  # no image-free part: every unit the whole way down
             for start, end in _chunks(len(parsed), chunk_size, "graph", images):

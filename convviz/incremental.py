@@ -271,7 +271,7 @@ def _affected(start: np.ndarray, length: int, size_out: int, kernel: int, stride
 # ------------------------------------------------------------------------------------------ engine
 
 
-def _module_node(gm: fx.GraphModule, path: str) -> fx.Node:
+def module_node(gm: fx.GraphModule, path: str) -> fx.Node:
     """The graph node holding the output of module `path` (the last node traced inside it)."""
     found = None
     for node in gm.graph.nodes:
@@ -346,7 +346,7 @@ def _elementwise_op(target, a, b, private: list[bool]):
     return op(a, b)
 
 
-def _is_pointwise_conv(module: nn.Module) -> bool:
+def is_pointwise_conv(module: nn.Module) -> bool:
     """A 1x1 convolution without padding, dilation or groups: a matrix product at each position."""
     return (
         type(module) is nn.Conv2d
@@ -634,7 +634,7 @@ class IncrementalInference:
     def _build(self, image: Tensor) -> None:
         """Trace the model for inputs shaped like `image` and apply the exact graph rewrites."""
         gm = fx.symbolic_trace(copy.deepcopy(self.model))
-        watch = {name: _module_node(gm, path) for name, path in self.watch_paths.items()}
+        watch = {name: module_node(gm, path) for name, path in self.watch_paths.items()}
         if self.fold:
             moved = _fold_batchnorm(gm, set(watch.values()))
             watch = {name: moved.get(node, node) for name, node in watch.items()}
@@ -831,7 +831,7 @@ class IncrementalInference:
             "channels_last": lambda t: fn(t.contiguous(memory_format=torch.channels_last)),
             "contiguous": lambda t: fn(t.contiguous()),
         }
-        if _is_pointwise_conv(module):
+        if is_pointwise_conv(module):
             stride = fn.stride if isinstance(fn, _Windowed) else None
             # The product is written into a buffer kept from batch to batch: the largest maps
             # (ResNet-50's 256-channel layer1 outputs, 20-30 MB) otherwise cost a page fault per
@@ -932,7 +932,7 @@ class IncrementalInference:
             return None
         if (th, tw) == value.size and np.array_equal(ty, value.y0) and np.array_equal(tx, value.x0):
             windows = value.values  # the window is the changed region itself (1x1 convolutions)
-        elif _is_pointwise_conv(module) and stride != (1, 1):
+        elif is_pointwise_conv(module) and stride != (1, 1):
             # A strided 1x1 convolution (a ResNet shortcut) needs every s-th position only.
             sampled = _read(base_in, value, ty, tx, count_y, count_x, fill, step=stride,
                             scratch=self._scratch_for((node, "window"), base_in))

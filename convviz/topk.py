@@ -34,6 +34,7 @@ from typing import Callable
 import torch
 from torch import Tensor, nn
 
+from convviz.deconv_window import pair
 from convviz.machine import busy_machine_threads, cpu_threads
 from convviz.models.registry import MODELS, layer_modules
 
@@ -271,9 +272,7 @@ def _following_pool(model: nn.Module, module: nn.Module) -> nn.Module | None:
 def _pool_covers(pool: nn.MaxPool2d, in_hw: Sequence[int], out_hw: Sequence[int]) -> bool:
     """Whether every input position lies in some window of `pool` (then the largest pooled value
     is the largest value of the map: max-pooling only copies values, padding adds -inf)."""
-    kernel, stride, padding, dilation = (
-        (value, value) if isinstance(value, int) else tuple(value) for value in (pool.kernel_size, pool.stride, pool.padding, pool.dilation)
-    )
+    kernel, stride, padding, dilation = (pair(v) for v in (pool.kernel_size, pool.stride, pool.padding, pool.dilation))
     return all(
         d == 1 and k >= s and (n_out - 1) * s - p + k >= n_in
         for k, s, p, d, n_in, n_out in zip(kernel, stride, padding, dilation, in_hw, out_hw)
