@@ -13,6 +13,18 @@ ROOT = Path(__file__).resolve().parent.parent
 WORKFLOW_PARTS = ["Snakefile", "config.yaml", "rules", "scripts", "schemas", "envs", "report", "configs", "profiles", "convviz", "README.md"]
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Torch on one thread for a test module (`pytestmark = pytest.mark.usefixtures("one_thread")`):
+    small convolutions run fastest on one thread, and far faster when other jobs share the 2 cores."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def tiny_dataset(tmp_path_factory) -> Path:
     """3 source classes x (10 train + 4 val) synthetic images at 64 px."""

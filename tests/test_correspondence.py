@@ -37,12 +37,7 @@ from convviz.models.registry import build_model, get_spec
 PARTS = ["left_eye", "right_eye", "nose"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 # ------------------------------------------------------------------------------ Delta by hand

@@ -27,13 +27,7 @@ ARCH = {"lenet": None, "alexnet": {"fc_width": 64}, "zfnet": {"fc_width": 64}, "
 PLAIN = ["lenet", "alexnet", "zfnet"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Small convolutions run fastest on one thread, and far faster when other jobs share the 2 cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 @pytest.fixture(scope="module")

@@ -15,12 +15,7 @@ from convviz.models import build_model, get_spec
 from convviz.top9 import choose_method
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 class Branchy(nn.Module):

@@ -30,12 +30,7 @@ def identity_rows(table):
     return table[[a in IDENTITY[t] for t, a in zip(table["transform"], table["amount"])]]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 @pytest.fixture

@@ -31,13 +31,7 @@ SIZE = 64
 ARCH = {"lenet": None, "alexnet": {"fc_width": 64}, "zfnet": {"fc_width": 64, "init": "kaiming"}, "resnet50": None}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Small convolutions run fastest on one thread, and far faster when other jobs share the 2 cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 def sharpen(model: nn.Module, image: torch.Tensor) -> nn.Module:

@@ -90,25 +90,17 @@ def test_a_finished_run_leaves_no_resume_state_so_a_rerun_trains_afresh(tmp_path
     assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["epoch_001.pt", "epoch_003.pt"]
 
 
-def test_a_finished_state_without_its_checkpoints_is_not_resumed(tmp_path, tiny_dataset):
-    """A finished run's resume state left by an older version (epoch checkpoints written straight
-    to the output directory, which Snakemake has since deleted): train again, publish them all."""
-    run(tmp_path, tiny_dataset, stop_after_epoch=3)  # every epoch done, nothing published yet
-    for kept in (tmp_path / "resume").glob("epoch_*.pt"):
-        kept.unlink()
+@pytest.mark.parametrize("stop_after, lost", [(3, ["epoch_001.pt", "epoch_003.pt"]), (2, ["epoch_001.pt"])])
+def test_a_state_whose_earlier_checkpoints_are_gone_is_not_resumed(tmp_path, tiny_dataset, stop_after, lost):
+    """A resume state left by an older version, which wrote epoch checkpoints straight to the
+    output directory (deleted by Snakemake since): finished (epoch 3 of 3) or interrupted after
+    epoch 2. Resuming would never publish the lost epochs, so the run trains afresh."""
+    run(tmp_path, tiny_dataset, stop_after_epoch=stop_after)
+    for name in lost:
+        (tmp_path / "resume" / name).unlink()
     lines = []
     history = run(tmp_path, tiny_dataset, log=lines.append)
     assert any("checkpoints of the epochs it covers are gone" in line for line in lines)
-    assert set(history["resumed_from_epoch"]) == {0}
-    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["epoch_001.pt", "epoch_003.pt"]
-
-
-def test_a_state_from_before_kept_checkpoints_is_not_resumed_mid_run(tmp_path, tiny_dataset):
-    """A run interrupted under an older version (its epoch 1 checkpoint written to the output
-    directory, since deleted): resuming would never publish epoch 1, so it trains afresh."""
-    run(tmp_path, tiny_dataset, stop_after_epoch=2)
-    (tmp_path / "resume" / "epoch_001.pt").unlink()
-    history = run(tmp_path, tiny_dataset)
     assert set(history["resumed_from_epoch"]) == {0}
     assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["epoch_001.pt", "epoch_003.pt"]
 
