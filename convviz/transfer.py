@@ -222,18 +222,16 @@ def scratch_accuracy(
 ) -> float:
     """Mean per-class test accuracy of the architecture trained from random init on the split's
     training images only (the paper's non-pretrained baseline), with the model's own training
-    recipe (train_cfg: lr, momentum, weight decay, warmup, clipping, bias centring) for scratch["epochs"]
+    recipe (train_cfg: optimizer, lr, momentum, weight decay, warmup, clipping, bias centring) for scratch["epochs"]
     epochs of batch scratch["batch_size"] and a cosine schedule."""
     from convviz.models.registry import build_model
     from convviz.machine import busy_machine_threads, cpu_threads
-    from convviz.train import _train_one_epoch, center_init, lr_factor
+    from convviz.train import _train_one_epoch, center_init, lr_factor, make_optimizer
 
     torch.manual_seed(seed)
     arch = {k: v for k, v in arch_cfg.items() if k != "weights"}
     model = build_model(model_name, len(fold.classes), dataset.image_size, arch).to(device)
-    optimizer = torch.optim.SGD(
-        model.parameters(), lr=train_cfg["lr"], momentum=train_cfg["momentum"], weight_decay=train_cfg["weight_decay"]
-    )
+    optimizer = make_optimizer(model, train_cfg)
     scaler = torch.amp.GradScaler("cuda", enabled=False)
     renormalize = getattr(model, "renormalize_filters", None)
     train_set = _Subset(dataset, fold.train, _relabel(labels[fold.train], fold.classes))

@@ -46,6 +46,7 @@ def test_missing_keys_are_filled_from_schema_defaults():
         ({"train": {"lr": "fast"}}, "train.lr"),
         ({"train": {"per_model": {"lenet": {"epochs": -3}}}}, "train.per_model.lenet.epochs"),
         ({"train": {"per_model": {"vgg": {"epochs": 3}}}}, "train.per_model"),
+        ({"train": {"per_model": {"resnet50": {"optimizer": "adam"}}}}, "train.per_model.resnet50.optimizer"),
         ({"train": {"checkpoint_epochs": []}}, "train.checkpoint_epochs"),
         ({"models": ["lenet", "vgg16"]}, "models.1"),
         ({"data": {"dataset": "mnist"}}, "data.dataset"),

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from convviz.models.checkpoint import load_checkpoint
-from convviz.train import TrainOutputs, lr_factor, train_model
+from convviz.train import TrainOutputs, lr_factor, make_optimizer, train_model
 
 SETTINGS = {
     "epochs": 3, "lr": 0.05, "schedule": "cosine", "step_size": 5, "gamma": 0.1, "batch_size": 8,
@@ -27,8 +27,8 @@ def outputs(tmp: Path) -> TrainOutputs:
                         checkpoint_dir=tmp / "ckpt", resume=tmp / "resume" / "last.pt", curves=tmp / "curves.png")
 
 
-def run(tmp, data, log=lambda m: None, **kw):
-    return train_model("lenet", data, outputs(tmp), arch_cfg={}, train_cfg=SETTINGS, seed=3, device="cpu",
+def run(tmp, data, log=lambda m: None, settings=None, **kw):
+    return train_model("lenet", data, outputs(tmp), arch_cfg={}, train_cfg=settings or SETTINGS, seed=3, device="cpu",
                        log=log, **kw)
 
 
@@ -51,11 +51,14 @@ def test_training_writes_history_checkpoints_and_curves(tmp_path, tiny_dataset):
     assert (tmp_path / "curves.png").stat().st_size > 10_000
 
 
-def test_resumed_run_ends_with_the_same_weights_as_an_uninterrupted_one(tmp_path, tiny_dataset):
-    run(tmp_path / "straight", tiny_dataset)
-    run(tmp_path / "resumed", tiny_dataset, stop_after_epoch=1)
+@pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
+def test_resumed_run_ends_with_the_same_weights_as_an_uninterrupted_one(tmp_path, tiny_dataset, optimizer):
+    # AdamW's moment estimates and step count are part of the resume state, as SGD's momentum is.
+    settings = {**SETTINGS, "optimizer": optimizer, **({"lr": 0.002, "weight_decay": 0.05} if optimizer == "adamw" else {})}
+    run(tmp_path / "straight", tiny_dataset, settings=settings)
+    run(tmp_path / "resumed", tiny_dataset, settings=settings, stop_after_epoch=1)
     assert not (tmp_path / "resumed" / "final.pt").exists()
-    history = run(tmp_path / "resumed", tiny_dataset)
+    history = run(tmp_path / "resumed", tiny_dataset, settings=settings)
     assert_same_weights(tmp_path / "straight" / "final.pt", tmp_path / "resumed" / "final.pt")
     assert list(history["epoch"]) == [1, 1, 2, 2, 3, 3]
     assert list(history["resumed_from_epoch"]) == [0, 0, 1, 1, 1, 1]  # the history records the resume
@@ -122,6 +125,16 @@ def test_resume_state_of_another_configuration_is_ignored(tmp_path, tiny_dataset
     train_model("lenet", tiny_dataset, outputs(tmp_path), arch_cfg={}, train_cfg=other, seed=3, device="cpu",
                 log=messages.append)
     assert any("different configuration" in m for m in messages)
+
+
+def test_the_optimizer_is_the_configured_one_with_its_rate_and_decay():
+    model = torch.nn.Linear(3, 2)
+    sgd = make_optimizer(model, {"lr": 0.1, "momentum": 0.8, "weight_decay": 0.001})  # sgd when the key is absent
+    assert type(sgd) is torch.optim.SGD and sgd.defaults["momentum"] == 0.8 and sgd.defaults["weight_decay"] == 0.001
+    adamw = make_optimizer(model, {"optimizer": "adamw", "lr": 0.002, "momentum": 0.9, "weight_decay": 0.05})
+    assert type(adamw) is torch.optim.AdamW and adamw.defaults["lr"] == 0.002 and adamw.defaults["weight_decay"] == 0.05
+    with pytest.raises(ValueError, match="train.optimizer.*'adam'.*sgd or adamw"):
+        make_optimizer(model, {"optimizer": "adam", "lr": 0.1, "momentum": 0.9, "weight_decay": 0.0})
 
 
 def test_lr_schedules():
