@@ -18,14 +18,16 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from convviz.config import train_settings, validate_config  # noqa: E402
 from convviz.data.common import ImageDataset  # noqa: E402
 from convviz.data.synthetic import generate_synthetic  # noqa: E402
 from convviz.machine import device_name  # noqa: E402
 from convviz.models.registry import build_model  # noqa: E402
-from convviz.train import _train_one_epoch  # noqa: E402
+from convviz.train import _train_one_epoch, make_optimizer  # noqa: E402
 
 SETTINGS = {"augment": True, "num_workers": 0, "channels_last": True}
 
@@ -66,7 +68,9 @@ def measure(model_name: str, data_dir: Path, dev, batch_size: int, repeats: int)
     model = build_model(model_name, ds.num_classes, ds.image_size, {"fc_width": 512} if model_name in ("alexnet", "zfnet") else {}).to(dev)
     if dev.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
-    opt = torch.optim.SGD(model.parameters(), lr=0.001, momentum=0.9)
+    # The optimiser the default config trains the model with (SGD, AdamW for resnet50), at a low rate.
+    config = validate_config(yaml.safe_load((Path(__file__).resolve().parent.parent / "config.yaml").read_text()))
+    opt = make_optimizer(model, {**train_settings(config, model_name), "lr": 0.001})
     amp = dev.type == "cuda"
     scaler = torch.amp.GradScaler("cuda", enabled=amp)
     renorm = getattr(model, "renormalize_filters", None)
