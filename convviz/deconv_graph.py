@@ -124,7 +124,7 @@ class GraphDeconvnet:
 
     def __init__(self, model: nn.Module) -> None:
         # Its submodules by object, not the model itself (the cache below is keyed by the model).
-        self._paths = [(module, path) for path, module in model.named_modules() if path]
+        self._paths = _submodules(model)
         try:
             self.gm = fx.symbolic_trace(model)
         except Exception as err:  # noqa: BLE001 - tracing fails in many ways
@@ -395,6 +395,14 @@ class GraphDeconvnet:
 
     # ---- projection
 
+    def traced_from(self, model: nn.Module) -> bool:
+        """Whether `model` still holds the submodules it was traced with (the same objects at the
+        same paths); the graph calls those objects, so a replaced one needs a new trace."""
+        current = _submodules(model)
+        return len(current) == len(self._paths) and all(
+            old is new and old_path == new_path for (old, old_path), (new, new_path) in zip(self._paths, current)
+        )
+
     def project(self, images: Tensor, layer: nn.Module, units, signal: str = "activation", chunk_size: int | None = None) -> Tensor:
         """Project units of `layer` (a module of the model) to pixels: images [B, 3, H, W] ->
         [U, 3, H, W]; units and signal as in `convviz.deconv.project`."""
@@ -460,13 +468,18 @@ class GraphDeconvnet:
 
 
 # model -> its GraphDeconvnet (traced once; weights are read live, so training in between is fine).
+def _submodules(model: nn.Module) -> list[tuple[nn.Module, str]]:
+    return [(module, path) for path, module in model.named_modules() if path]
+
+
 _CACHE: "weakref.WeakKeyDictionary[nn.Module, GraphDeconvnet]" = weakref.WeakKeyDictionary()
 
 
 def graph_deconvnet(model: nn.Module) -> GraphDeconvnet:
-    """The GraphDeconvnet of `model`, traced on first use and kept while the model lives."""
+    """The GraphDeconvnet of `model`, traced on first use and kept while the model lives and keeps
+    the same submodules (replacing one, e.g. `model.fc = nn.Linear(...)`, traces it again)."""
     deconv = _CACHE.get(model)
-    if deconv is None:
+    if deconv is None or not deconv.traced_from(model):
         deconv = _CACHE[model] = GraphDeconvnet(model)
     return deconv
 

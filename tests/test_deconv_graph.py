@@ -171,6 +171,21 @@ def test_weights_are_read_at_each_projection(branchy):
     assert_close(project(model, "c", images, units, method="graph"), expected)
 
 
+def test_a_replaced_submodule_is_traced_again(branchy):
+    """The cached trace calls the submodules it was traced with: after `model.c = new conv` the
+    projection must go through the new one, as autograd's does."""
+    import copy
+
+    model = copy.deepcopy(branchy)
+    images = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(4))
+    units = torch.tensor([[0, 3, 1, 1], [1, 5, 2, 0]])
+    project(model, "c", images, units, method="graph")
+    torch.manual_seed(5)
+    model.c = nn.Conv2d(12, 12, 3, padding=1)
+    expected = project(model, "c", images, units, method="general")
+    assert_close(project(model, "c", images, units, method="graph"), expected)
+
+
 class Functional(nn.Module):
     def __init__(self):
         super().__init__()
