@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from convviz.data.common import MANIFEST_COLUMNS, PARTS_COLUMNS, channel_stats, read_dataset
+from convviz.data.common import MANIFEST_COLUMNS, PARTS_COLUMNS, ImageDataset, channel_stats, read_dataset
 from convviz.data.synthetic import (
     OBJECT_PART,
     SOURCE_CLASSES,
@@ -316,3 +316,19 @@ def test_bad_arguments_raise_value_error_naming_the_argument(tmp_path, overrides
     with pytest.raises(ValueError, match=name):
         generate(tmp_path, **overrides)
     assert not (tmp_path / "images").exists(), "nothing is written for bad arguments"
+
+
+def test_normalise_is_the_formula_bit_for_bit_and_leaves_its_input_alone(small_set):
+    import torch
+
+    out, meta, _, _ = small_set
+    dataset = ImageDataset(out, "train", meta["image_size"])
+    raw = dataset.raw_batch(range(len(dataset)))
+    before = raw.clone()
+    normalised = dataset.normalise(raw)
+    assert normalised.dtype == torch.float32
+    assert torch.equal(normalised, (raw.float() / 255.0 - dataset.mean) / dataset.std)
+    assert torch.equal(raw, before)
+    as_float = raw.float()  # a float input is copied too, never overwritten
+    dataset.normalise(as_float)
+    assert torch.equal(as_float, before.float())
