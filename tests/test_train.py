@@ -182,3 +182,29 @@ def test_training_killed_mid_epoch_resumes_to_identical_weights(tmp_path, tiny_d
                          capture_output=True, text=True).stdout
     assert "resuming zfnet from epoch" in out
     assert_same_weights(straight / "final.pt", killed / "final.pt")
+
+
+def test_keep_freed_memory_stops_the_page_faults_of_fresh_tensors():
+    """Rule train's allocator setting: tensors of a few MB allocated and freed step after step
+    reuse kept memory instead of faulting in fresh pages (without it: ~1,300 faults here)."""
+    script = textwrap.dedent("""
+        import resource, sys, torch
+        from convviz.machine import keep_freed_memory
+        if sys.argv[1] == "keep":
+            assert keep_freed_memory()
+        sizes = [3 << 20, 5 << 20, 9 << 20, 2 << 20]
+        for _ in range(3):
+            for s in sizes:
+                torch.ones(s // 4)
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        for _ in range(20):
+            live = [torch.ones(s // 4) for s in sizes]  # several alive at once, as in a forward pass
+            del live
+        print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+    """)
+    root = Path(__file__).resolve().parent.parent
+    faults = {mode: int(subprocess.run([sys.executable, "-c", script, mode], cwd=root, check=True,
+                                       capture_output=True, text=True).stdout)
+              for mode in ("keep", "default")}
+    assert faults["keep"] < 50
+    assert faults["default"] > 10 * max(faults["keep"], 20), faults  # the setting is what makes the difference
