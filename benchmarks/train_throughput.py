@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 import tempfile
 import time
@@ -22,7 +23,7 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from convviz.config import train_settings, validate_config  # noqa: E402
+from convviz.config import architecture_settings, train_settings, validate_config  # noqa: E402
 from convviz.data.common import ImageDataset  # noqa: E402
 from convviz.data.synthetic import generate_synthetic  # noqa: E402
 from convviz.machine import device_name, keep_freed_memory  # noqa: E402
@@ -61,15 +62,14 @@ def _sync(dev):
         torch.cuda.synchronize()
 
 
-def measure(model_name: str, data_dir: Path, dev, batch_size: int, repeats: int) -> dict:
+def measure(model_name: str, data_dir: Path, dev, batch_size: int, repeats: int, config: dict) -> dict:
+    """One model as the default config builds and trains it (architecture, optimiser), at a low rate."""
     ds = ImageDataset(data_dir, "train", 64)
     n = (len(ds) // batch_size) * batch_size
     torch.manual_seed(0)
-    model = build_model(model_name, ds.num_classes, ds.image_size, {"fc_width": 512} if model_name in ("alexnet", "zfnet") else {}).to(dev)
+    model = build_model(model_name, ds.num_classes, ds.image_size, architecture_settings(config, model_name)).to(dev)
     if dev.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
-    # The optimiser the default config trains the model with (SGD, AdamW for resnet50), at a low rate.
-    config = validate_config(yaml.safe_load((Path(__file__).resolve().parent.parent / "config.yaml").read_text()))
     opt = make_optimizer(model, {**train_settings(config, model_name), "lr": 0.001})
     amp = dev.type == "cuda"
     scaler = torch.amp.GradScaler("cuda", enabled=amp)
@@ -92,8 +92,7 @@ def measure(model_name: str, data_dir: Path, dev, batch_size: int, repeats: int)
     loop_ips, bare_ips = max(loop), max(bare)
     # Each repeat times the loop and the bare steps back to back: on a machine whose speed drifts
     # over seconds (a shared VM) their ratio is steadier than the ratio of the two best speeds.
-    pair = sorted(lo / ba for lo, ba in zip(loop, bare))
-    pair_ratio = pair[len(pair) // 2] if len(pair) % 2 else (pair[len(pair) // 2 - 1] + pair[len(pair) // 2]) / 2
+    pair_ratio = statistics.median(lo / ba for lo, ba in zip(loop, bare))
     return {"model": model_name, "device": str(dev), "batch_size": batch_size, "images": n,
             "loop_img_s": round(loop_ips, 1), "bare_img_s": round(bare_ips, 1), "cold_loop_img_s": round(cold, 1),
             "ratio": round(loop_ips / bare_ips, 3), "pipeline_cost_pct": round(100 * (1 - loop_ips / bare_ips), 1),
@@ -110,9 +109,10 @@ def main():
     args = parser.parse_args()
     dev = torch.device(args.device)
     keep_freed_memory()  # as rule train does: both sides measured without first-touch page faults
+    config = validate_config(yaml.safe_load((Path(__file__).resolve().parent.parent / "config.yaml").read_text()))
     with tempfile.TemporaryDirectory() as tmp:
         generate_synthetic(tmp, seed=0, image_size=64, classes=10, train_per_class=64, val_per_class=2, log=lambda m: None)
-        rows = [measure(m, Path(tmp), dev, args.batch_size, args.repeats) for m in args.models]
+        rows = [measure(m, Path(tmp), dev, args.batch_size, args.repeats, config) for m in args.models]
     name = device_name(dev)
     print(f"training throughput on {name}, batch {args.batch_size}, 64x64 images")
     print("| model | training loop (img/s) | bare step (img/s) | loop / bare | pipeline cost | median pair cost | first epoch (img/s) |")

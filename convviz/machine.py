@@ -92,8 +92,8 @@ def keep_freed_memory() -> bool:
 
     By default every tensor above glibc's (adaptive) mmap threshold gets fresh pages from the
     kernel, and each 4 KiB page costs a fault on first touch: lenet's training step of 32 images
-    took 1,000-3,000 faults, about a third of its time (measured: an epoch of 20 steps 382-453 ms
-    with 57,000-78,000 faults, 263-274 ms with none). Process-wide and irreversible, so only the
+    took 1,000-3,000 faults (measured: an epoch of 20 steps 310-453 ms with 25,000-78,000 faults,
+    260-303 ms with at most a few hundred). Process-wide and irreversible, so only the
     jobs that gain call it (rule train); the process's memory stays at its peak until it exits.
     Returns False where it does not apply (not glibc: macOS, musl)."""
     import ctypes
