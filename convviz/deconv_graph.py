@@ -79,10 +79,10 @@ def _transposed_as_conv(weight: Tensor) -> Tensor:
 
 
 def _as_conv(conv: nn.Conv2d) -> nn.Conv2d:
-    """The ordinary 3x3 stride-1 convolution equal to `conv`'s transposed filters (no bias):
-    padding 2 - p keeps the map size."""
-    (ph, pw) = pair(conv.padding)
-    twin = nn.Conv2d(conv.out_channels, conv.in_channels, 3, padding=(2 - ph, 2 - pw), bias=False,
+    """The ordinary k x k stride-1 convolution equal to `conv`'s transposed filters (no bias):
+    padding k - 1 - p keeps the map size."""
+    (ph, pw), (k, _) = pair(conv.padding), pair(conv.kernel_size)
+    twin = nn.Conv2d(conv.out_channels, conv.in_channels, k, padding=(k - 1 - ph, k - 1 - pw), bias=False,
                      device=conv.weight.device, dtype=conv.weight.dtype)
     with torch.no_grad():
         twin.weight.copy_(_transposed_as_conv(conv.weight.detach()))
@@ -266,14 +266,14 @@ class GraphDeconvnet:
 
     def _transpose(self, node: fx.Node, grad: Tensor, in_hw) -> Tensor:
         """The transposed filters of node's convolution on `grad`, the fastest of the deconvnet's
-        ways and, for 3x3 stride-1 convolutions, Winograd's F(4x4, 3x3) (measured per shape)."""
+        ways and, for stride-1 convolutions, Winograd's minimal filtering (measured per shape)."""
         conv = self._conv_of(node)
         ways = {
             "deconv": lambda g: _transposed_filter(g, conv, in_hw),
             # channels-last in and out: the other ways' layout, no conversion back and forth
             "channels_last": lambda g: _transpose_direct(g.contiguous(memory_format=torch.channels_last), conv, in_hw),
         }
-        if winograd.applies(conv) and max(pair(conv.padding)) <= 2:
+        if winograd.applies(conv) and max(pair(conv.padding)) <= pair(conv.kernel_size)[0] - 1:
             fast = self._winograd.get(node)
             if fast is None:
                 fast = self._winograd[node] = winograd.WinogradConv(_as_conv(conv))

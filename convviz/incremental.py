@@ -26,9 +26,11 @@ the engine runs them faster than the model's own forward, again exactly up to ro
 BatchNorm is folded into the convolution before it; an AdaptiveAvgPool2d that only repeats a
 smaller map (AlexNet's 6x6 pool at 64 px) is folded into the Linear after it; convolutions on
 maps of at most 9 positions skip their padding taps (`SmallMapConv`); and each conv/pool layer
-runs channels-last, in the usual layout, (1x1 convolutions) as one matrix product, or (on maps
+runs channels-last, in the usual layout, (1x1 convolutions) as one matrix product, (on maps
 of at most 100 positions) as one product per kernel tap over just the outputs that tap reaches
-(`TapConv`), whichever the first batch measured fastest on this machine. Window reads and
+(`TapConv`), or (stride-1 convolutions) by Winograd's F(m x m, r x r) with the two tile sides
+needing the fewest products (`convviz.winograd`), whichever the first batch measured fastest on
+this machine. Window reads and
 materialised maps are written into buffers kept from one batch to the next (a fresh
 multi-megabyte tensor costs a page fault per 4 KiB the first time it is written).
 
@@ -477,6 +479,7 @@ class SmallMapConv(nn.Module):
         bias = conv.bias.detach() if conv.bias is not None else weight.new_zeros(cout)
         self.register_buffer("bias", bias.repeat(out_w))  # [Wout*Cout], ordered (ox, cout)
         self.taps = TapConv(conv, in_hw, out_hw)  # the same convolution tap by tap: faster on some maps
+        self.conv = conv  # and as it was (the Winograd forms are built from it)
 
     def forward(self, x: Tensor) -> Tensor:
         batch = x.shape[0]
@@ -627,7 +630,7 @@ class IncrementalInference:
         # fresh multi-megabyte tensors cost a page fault per 4 KiB on first touch.
         self._scratch: dict[tuple, Tensor] = {}
         self._taps: dict[fx.Node, TapConv | None] = {}
-        self._winograd: dict[fx.Node, winograd.WinogradConv] = {}
+        self._winograd: dict[tuple[fx.Node, int], winograd.WinogradConv] = {}  # (node, tile side)
         self.input_shape: tuple[int, ...] | None = None
         self.base: dict[fx.Node, object] | None = None
 
@@ -694,6 +697,9 @@ class IncrementalInference:
             raise ValueError(f"prepare takes one image [1, C, H, W], got shape {tuple(image.shape)}")
         if tuple(image.shape) != self.input_shape:
             self._build(image)
+        # The cached maps are kept channels-last, the layout the batches read them in. Small-map
+        # convolutions run for this one image as the plain convolutions they replace (their
+        # matrices are built for batches: megabytes to read for a single image).
         values: dict[fx.Node, object] = {}
         output = None
         for node in self.nodes:
@@ -703,7 +709,12 @@ class IncrementalInference:
                 output = fx.node.map_arg(node.args[0], lambda n: values[n])
             else:
                 args = fx.node.map_arg(node.args, lambda n: values[n])
-                value = self._call(node, args, fx.node.map_arg(node.kwargs, lambda n: values[n]))
+                kwargs = fx.node.map_arg(node.kwargs, lambda n: values[n])
+                module = self.modules.get(node.target) if node.op == "call_module" else None
+                if isinstance(module, SmallMapConv):
+                    value = module.conv(*args, **kwargs)
+                else:
+                    value = self._call(node, args, kwargs)
                 values[node] = _channels_last(value) if isinstance(value, Tensor) else value
         self.base = values
         return output, {name: values[node] for name, node in self.watch.items()}
@@ -841,11 +852,15 @@ class IncrementalInference:
         taps = self._tap_conv(node, module, x) if fn is module else None
         if taps is not None:
             ways["taps"] = lambda t: taps(t.contiguous(memory_format=torch.channels_last))
-        if fn is module and winograd.applies(module):
-            fast = self._winograd.get(node)
-            if fast is None:
-                fast = self._winograd[node] = winograd.WinogradConv(module).to(x.device)
-            ways["winograd"] = fast
+        conv = module.conv if isinstance(module, SmallMapConv) else module
+        if fn is module and winograd.applies(conv):
+            (ph, pw), kernel = pair(conv.padding), pair(conv.kernel_size)[0]
+            out_hw = (x.shape[-2] + 2 * ph - kernel + 1, x.shape[-1] + 2 * pw - kernel + 1)
+            for tile in winograd.tiles_worth_trying(kernel, out_hw):
+                fast = self._winograd.get((node, tile))
+                if fast is None:
+                    fast = self._winograd[node, tile] = winograd.WinogradConv(conv, tile).to(x.device)
+                ways[f"winograd{tile}"] = fast
         chosen = self._layouts.get(node)
         if chosen in ways:
             return ways[chosen](x)

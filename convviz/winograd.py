@@ -1,55 +1,74 @@
-"""3x3 convolutions by Winograd's minimal filtering algorithm F(4x4, 3x3) (Lavin & Gray, CVPR 2016).
+"""Stride-1 convolutions by Winograd's minimal filtering algorithm F(m x m, r x r) (Lavin & Gray,
+CVPR 2016).
 
-A stride-1 3x3 convolution computes each 4x4 block of outputs from a 6x6 block of inputs. In
-Winograd's transformed space that is 36 elementwise products per (input, output) channel pair
-instead of 144 multiply-adds, so the work becomes 36 matrix products [tiles, Cin] x [Cin, Cout],
-2.25-4x fewer multiply-adds than the direct convolution, plus two small linear transforms of the
-input and output tiles (each one matrix product over all tiles). Exact in real arithmetic; in
-float32 it differs from the direct convolution by about 1e-5 of the output's scale (the
-transforms' coefficients reach 8 and 1/24). Used by the occlusion sweep's whole-map layers where
-it measures faster (e.g. ResNet-50's 3x3 convolutions on its 4x4 and 8x8 maps at 64 px).
+A stride-1 r x r convolution computes each m x m block of outputs from an n x n block of inputs,
+n = m + r - 1. In Winograd's transformed space that is n*n elementwise products per (input,
+output) channel pair instead of m*m*r*r multiply-adds, so the work becomes n*n matrix products
+[tiles, Cin] x [Cin, Cout] plus two small linear transforms of the input and output tiles (each
+applied along one axis, then the other). F(4x4, 3x3): 36 products instead of 144; F(3x3, 3x3): 25
+instead of 81 (a 3x3 map in one tile); F(4x4, 5x5): 64 instead of 400. Exact in real arithmetic;
+in float32 it differs from the direct convolution by about 1e-5 (n <= 6) to 1e-4 (n = 8) of the
+output's scale, as the transforms' coefficients grow with n; tiles with n > 8 are not offered.
+Used by the occlusion sweep's whole-map layers where it measures faster (ResNet-50's 3x3
+convolutions on its 4x4 and 8x8 maps, AlexNet's conv2-conv5 at 64 px) and by the graph deconvnet.
+
+The transforms come from the Cook-Toom construction with the interpolation points 0, 1, -1, 2,
+-2, 1/2, -1/2 (as many as needed) and infinity: for the correlation y = A^T [(G g) . (B^T d)],
+A^T = V_m^T, G = V_r and B^T = V_n^-T, where V_k is the n x k Vandermonde matrix of the points
+(the point at infinity picks the leading coefficient), with row j of B^T scaled by
+prod_{l != j} (p_j - p_l) and row j of G divided by it, which makes B^T integer for n <= 6
+(F(4x4, 3x3) gives Lavin & Gray's matrices exactly).
 """
 
 from __future__ import annotations
 
+import functools
+from fractions import Fraction
+
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from convviz.deconv_window import pair
 
-# Lavin & Gray's F(4, 3) with interpolation points 0, +-1, +-2 and infinity.
-_BT = [
-    [4, 0, -5, 0, 1, 0],
-    [0, -4, -4, 1, 1, 0],
-    [0, 4, -4, -1, 1, 0],
-    [0, -2, -1, 2, 1, 0],
-    [0, 2, -1, -2, 1, 0],
-    [0, 4, 0, -5, 0, 1],
-]
-_G = [
-    [1 / 4, 0, 0],
-    [-1 / 6, -1 / 6, -1 / 6],
-    [-1 / 6, 1 / 6, -1 / 6],
-    [1 / 24, 1 / 12, 1 / 6],
-    [1 / 24, -1 / 12, 1 / 6],
-    [0, 0, 1],
-]
-_AT = [
-    [1, 1, 1, 1, 1, 0],
-    [0, 1, -1, 2, -2, 0],
-    [0, 1, 1, 4, 4, 0],
-    [0, 1, -1, 8, -8, 1],
-]
-TILE, SPAN = 4, 6  # outputs per tile side, inputs per tile side
+_POINTS = (Fraction(0), Fraction(1), Fraction(-1), Fraction(2), Fraction(-2), Fraction(1, 2), Fraction(-1, 2))
+MAX_SPAN = len(_POINTS) + 1  # n = m + r - 1 <= 8: larger tiles lose too much precision in float32
+
+
+@functools.lru_cache(maxsize=None)
+def transforms(tile: int, kernel: int) -> tuple[Tensor, Tensor, Tensor]:
+    """(B^T [n, n], G [n, r], A^T [m, n]) in float64 for F(tile, kernel), n = tile + kernel - 1."""
+    span = tile + kernel - 1
+    if tile < 1 or kernel < 1 or span > MAX_SPAN or span < 2:
+        raise ValueError(f"F({tile}, {kernel}) needs 2 <= tile + kernel - 1 <= {MAX_SPAN}")
+    points = _POINTS[: span - 1]
+
+    def vandermonde(columns: int) -> list[list[Fraction]]:
+        rows = [[p**j for j in range(columns)] for p in points]
+        return rows + [[Fraction(0)] * (columns - 1) + [Fraction(1)]]  # the point at infinity
+
+    scale = []
+    for j, p in enumerate(points):
+        product = Fraction(1)
+        for q in points[:j] + points[j + 1 :]:
+            product *= p - q
+        scale.append(product)
+    scale.append(Fraction(1))
+    as_tensor = functools.partial(torch.tensor, dtype=torch.float64)
+    scale_t = as_tensor([float(s) for s in scale])
+    bt = torch.linalg.inv(as_tensor([[float(v) for v in row] for row in vandermonde(span)])).T * scale_t[:, None]
+    g = as_tensor([[float(v) for v in row] for row in vandermonde(kernel)]) / scale_t[:, None]
+    at = as_tensor([[float(v) for v in row] for row in vandermonde(tile)]).T
+    return bt, g, at
 
 
 def applies(conv: nn.Module) -> bool:
-    """Whether `conv` is a convolution WinogradConv computes: a plain nn.Conv2d, 3x3, stride 1,
-    no dilation or groups, zero padding given as numbers."""
+    """Whether `conv` is a convolution WinogradConv computes: a plain nn.Conv2d with a square
+    kernel of 2 to 7, stride 1, no dilation or groups, zero padding given as numbers."""
+    kernel = pair(getattr(conv, "kernel_size", 0))
     return (
         type(conv) is nn.Conv2d
-        and pair(conv.kernel_size) == (3, 3)
+        and kernel[0] == kernel[1]
+        and 2 <= kernel[0] <= MAX_SPAN - 1
         and pair(conv.stride) == (1, 1)
         and pair(conv.dilation) == (1, 1)
         and conv.groups == 1
@@ -58,25 +77,43 @@ def applies(conv: nn.Module) -> bool:
     )
 
 
+def tiles_worth_trying(kernel: int, out_hw: tuple[int, int], count: int = 2) -> list[int]:
+    """The `count` tile sides m that need the fewest transformed products (tiles * n * n) for an
+    out_hw output of a kernel x kernel convolution; the smaller tile first among equals (its
+    transforms are more precise)."""
+    (height, width) = out_hw
+    options = []
+    for tile in range(2, MAX_SPAN - kernel + 2):
+        tiles = -(-height // tile) * -(-width // tile)
+        options.append((tiles * (tile + kernel - 1) ** 2, tile))
+    return [tile for _, tile in sorted(options)[:count]]
+
+
 class WinogradConv(nn.Module):
-    """conv(x) for a 3x3 stride-1 nn.Conv2d (see `applies`) by F(4x4, 3x3), for any input size.
+    """conv(x) for a stride-1 nn.Conv2d (see `applies`) by F(tile x tile, r x r), any input size.
 
     Output is channels-last. The filters are transformed once, here (in float64, then cast).
+    tile: the output block side m (default 4 for 3x3 kernels, else the largest with n <= 6).
     """
 
-    def __init__(self, conv: nn.Conv2d) -> None:
+    def __init__(self, conv: nn.Conv2d, tile: int | None = None) -> None:
         super().__init__()
         if not applies(conv):
-            raise ValueError(f"WinogradConv needs a 3x3 stride-1 Conv2d without dilation or groups, got {conv}")
+            raise ValueError(
+                f"WinogradConv needs a stride-1 Conv2d with a square kernel of 2 to {MAX_SPAN - 1}, "
+                f"without dilation or groups, got {conv}"
+            )
         weight = conv.weight.detach()
-        bt = torch.tensor(_BT, dtype=torch.float64, device=weight.device)
-        at = torch.tensor(_AT, dtype=torch.float64, device=weight.device)
+        self.kernel = pair(conv.kernel_size)[0]
+        self.tile = tile if tile is not None else max(1, 7 - self.kernel)
+        self.span = self.tile + self.kernel - 1
+        bt, _, at = transforms(self.tile, self.kernel)
         cout, cin = weight.shape[:2]
-        self.register_buffer("u", weight.new_empty(SPAN * SPAN, cin, cout))
+        self.register_buffer("u", weight.new_empty(self.span * self.span, cin, cout))
         self.set_weight(weight)
-        # vec(B^T d B) = kron(B^T, B^T) vec(d); vec(A^T m A) = kron(A^T, A^T) vec(m) (row-major vec).
-        self.register_buffer("input_transform", torch.kron(bt, bt).to(weight.dtype))  # [36, 36]
-        self.register_buffer("output_transform", torch.kron(at, at).to(weight.dtype))  # [16, 36]
+        # Each transform is applied along one axis, then (batched over the first) the other.
+        self.register_buffer("input_transform", bt.to(weight.dtype))  # [n, n]
+        self.register_buffer("output_transform", at.to(weight.dtype))  # [m, n]
         bias = conv.bias.detach() if conv.bias is not None else weight.new_zeros(cout)
         self.register_buffer("bias", bias)
         self.padding = pair(conv.padding)
@@ -86,9 +123,9 @@ class WinogradConv(nn.Module):
         self._zeroed: tuple | None = None  # (shape, address, input size) the padded buffer was zeroed for
 
     def set_weight(self, weight: Tensor) -> None:
-        """Transform new filters [Cout, Cin, 3, 3] (same shape) into U (in float64, then cast):
-        U[xi, cin, cout] = (G w G^T)[xi] for each channel pair, xi over the 6x6 transformed positions."""
-        g = torch.tensor(_G, dtype=torch.float64, device=weight.device)
+        """Transform new filters [Cout, Cin, r, r] (same shape) into U (in float64, then cast):
+        U[xi, cin, cout] = (G w G^T)[xi] for each channel pair, xi over the n x n transformed positions."""
+        g = transforms(self.tile, self.kernel)[1].to(weight.device)
         u = torch.einsum("ik,ockl,jl->ijco", g, weight.detach().double(), g).reshape(self.u.shape)
         self.u.copy_(u)
 
@@ -116,18 +153,29 @@ class WinogradConv(nn.Module):
             buffer = self._buffers_kept[name] = torch.empty(numel, dtype=like.dtype, device=like.device)
         return buffer[:numel].view(shape)
 
+    def _along_both_axes(self, matrix: Tensor, x: Tensor, first: str, second: str) -> Tensor:
+        """matrix applied along x's first axis, then along its second: x [a, a, K] -> [k, k, K]
+        for matrix [k, a], through the kept buffers `first` and `second` (the result is in `second`)."""
+        rows, columns = matrix.shape
+        rest = x.shape[-1]
+        step = self._scratch(first, (rows, columns, rest), x)
+        torch.mm(matrix, x.view(columns, -1), out=step.view(rows, -1))
+        out = self._scratch(second, (rows, rows, rest), x)
+        torch.bmm(matrix.expand(rows, rows, columns), step, out=out)  # out[i] = matrix @ step[i]
+        return out
+
     def forward(self, x: Tensor) -> Tensor:
         batch, channels, height, width = x.shape
-        (ph, pw) = self.padding
-        out_h, out_w = height + 2 * ph - 2, width + 2 * pw - 2
+        (ph, pw), m, n = self.padding, self.tile, self.span
+        out_h, out_w = height + 2 * ph - self.kernel + 1, width + 2 * pw - self.kernel + 1
         if out_h < 1 or out_w < 1:
-            raise ValueError(f"input {height}x{width} with padding {self.padding} is smaller than the 3x3 kernel")
-        ty, tx = -(-out_h // TILE), -(-out_w // TILE)
+            raise ValueError(f"input {height}x{width} with padding {self.padding} is smaller than the {self.kernel}x{self.kernel} kernel")
+        ty, tx = -(-out_h // m), -(-out_w // m)
         count = batch * ty * tx
         # Channels-last throughout: every copy moves runs of Cin (or Cout) contiguous values.
         # The input, zero-padded to whole tiles (the extra outputs at the bottom/right are cut off
         # at the end): only the interior is written, so the border stays zero from call to call.
-        padded_shape = (batch, ty * TILE + 2, tx * TILE + 2, channels)
+        padded_shape = (batch, ty * m + n - m, tx * m + n - m, channels)
         padded = self._scratch("padded", padded_shape, x)
         # Zeroed again for a new buffer, a new shape in it, or a new interior (a smaller map in the
         # same tiles would leave the last call's values where its padding is).
@@ -136,20 +184,19 @@ class WinogradConv(nn.Module):
             padded.zero_()
             self._zeroed = layout
         padded[:, ph : ph + height, pw : pw + width].copy_(x.permute(0, 2, 3, 1))
-        tiles = padded.unfold(1, SPAN, TILE).unfold(2, SPAN, TILE)  # [B, ty, tx, Cin, 6, 6]
-        columns = self._scratch("a", (SPAN, SPAN, batch, ty, tx, channels), x)
+        tiles = padded.unfold(1, n, m).unfold(2, n, m)  # [B, ty, tx, Cin, n, n]
+        columns = self._scratch("a", (n, n, batch, ty, tx, channels), x)
         columns.copy_(tiles.permute(4, 5, 0, 1, 2, 3))
-        v = self._scratch("b", (SPAN * SPAN, count * channels), x)
-        torch.mm(self.input_transform, columns.view(SPAN * SPAN, -1), out=v)
-        m = self._scratch("a", (SPAN * SPAN, count, self.out_channels), x)  # the columns are spent
-        torch.bmm(v.view(SPAN * SPAN, count, channels), self.u, out=m)
-        y = self._scratch("b", (TILE * TILE, count * self.out_channels), x)  # so is v
-        torch.addmm(self._bias_row(count), self.output_transform, m.view(SPAN * SPAN, -1), out=y)
-        # A new tensor (the caller may keep it), written tile by tile: [B, ty, 4, tx, 4, Cout].
-        out = x.new_empty(batch, ty * TILE, tx * TILE, self.out_channels)
-        out.view(batch, ty, TILE, tx, TILE, self.out_channels).copy_(
-            y.view(TILE, TILE, batch, ty, tx, self.out_channels).permute(2, 3, 0, 4, 1, 5)
+        v = self._along_both_axes(self.input_transform, columns.view(n, n, -1), "b", "c")  # B^T d B
+        products = self._scratch("a", (n * n, count, self.out_channels), x)  # the columns are spent
+        torch.bmm(v.view(n * n, count, channels), self.u, out=products)
+        y = self._along_both_axes(self.output_transform, products.view(n, n, -1), "b", "c")  # A^T M A
+        y = y.view(m * m, count * self.out_channels).add_(self._bias_row(count))
+        # A new tensor (the caller may keep it), written tile by tile: [B, ty, m, tx, m, Cout].
+        out = x.new_empty(batch, ty * m, tx * m, self.out_channels)
+        out.view(batch, ty, m, tx, m, self.out_channels).copy_(
+            y.view(m, m, batch, ty, tx, self.out_channels).permute(2, 3, 0, 4, 1, 5)
         )
-        if (ty * TILE, tx * TILE) != (out_h, out_w):
+        if (ty * m, tx * m) != (out_h, out_w):
             out = out[:, :out_h, :out_w]
         return out.permute(0, 3, 1, 2)  # channels-last [B, Cout, Hout, Wout]

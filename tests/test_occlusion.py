@@ -181,9 +181,9 @@ def test_incremental_engine_equals_the_full_forward_on_every_construct(full_frac
         assert torch.allclose(materialise(watched[name], base, len(y0)), hooked[path], atol=1e-5)
         assert torch.allclose(total_per_channel(watched[name], base), hooked[path].sum((2, 3)), rtol=1e-5, atol=1e-4)
     # Each way of running a layer (channels-last, usual layout, 1x1 convolution as a matrix
-    # product, small-map convolution tap by tap, 3x3 convolution by Winograd's F(4x4, 3x3)) gives
-    # the same numbers, whichever the timing picked above.
-    for way in ("channels_last", "contiguous", "matmul", "taps", "winograd"):
+    # product, small-map convolution tap by tap, 3x3 convolution by Winograd's F(m x m, 3x3) for
+    # each tile side tried) gives the same numbers, whichever the timing picked above.
+    for way in ("channels_last", "contiguous", "matmul", "taps", *(f"winograd{m}" for m in range(2, 7))):
         engine._layouts = {node: way for node in engine.nodes if node.op == "call_module"}
         assert torch.allclose(engine.run(Patched(values, y0, x0))[0], reference, rtol=1e-5, atol=1e-5)
     if full_fraction == 1.0:
@@ -193,7 +193,38 @@ def test_incremental_engine_equals_the_full_forward_on_every_construct(full_frac
         # ... and the 9x9 and 5x5 maps as whole maps, where the tap-by-tap and Winograd forms
         # exist (else "taps" and "winograd" were not run).
         assert any(taps is not None for taps in engine._taps.values())
-        assert engine._winograd
+        assert len(engine._winograd) >= 2  # two tile sides for the 5x5 map: F(5x5, 3x3) and F(6x6, 3x3)
+
+
+def test_small_map_convolutions_by_winograd_equal_the_model():
+    """AlexNet's conv3-conv5 at 64 px: 3x3 convolutions (3x3 and 5x5 kernels) on 3x3 maps, which
+    the engine replaces by SmallMapConv; their Winograd forms (built from the convolution the
+    SmallMapConv replaced) give the model's numbers, and the unoccluded forward, which runs the
+    plain convolutions, too."""
+    from convviz.incremental import SmallMapConv
+
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3, stride=2, padding=1), nn.ReLU(), nn.MaxPool2d(2),  # 12 -> 6 -> 3
+        nn.Conv2d(8, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 8, 5, padding=2), nn.ReLU(),
+        nn.Flatten(), nn.Linear(72, 4),
+    ).eval()
+    image = torch.randn(1, 3, 12, 12)
+    y0, x0 = torch.tensor([0, 4, 8, 2]), torch.tensor([0, 8, 3, 5])
+    values = torch.randn(4, 3, 4, 4)
+    occluded = image.repeat(4, 1, 1, 1)
+    for b, (y, x) in enumerate(zip(y0.tolist(), x0.tolist())):
+        occluded[b, :, y : y + 4, x : x + 4] = values[b]
+    engine = IncrementalInference(model, {})
+    base, _ = engine.prepare(image)
+    with torch.no_grad():
+        assert torch.allclose(base, model(image), atol=1e-5)
+        reference = model(occluded)
+    assert sum(isinstance(m, SmallMapConv) for m in engine.modules.values()) == 2
+    for way in ("winograd2", "winograd3", "winograd4"):
+        engine._layouts = {node: way for node in engine.nodes if node.op == "call_module"}
+        assert torch.allclose(engine.run(Patched(values, y0, x0))[0], reference, rtol=1e-5, atol=1e-5)
+    assert {tile for _, tile in engine._winograd} >= {3, 4}  # F(3x3, 3x3) and F(3x3 or 4x4, 5x5) were run
 
 
 @pytest.mark.parametrize("channels", [3, 40])  # read per channel / per position

@@ -1,11 +1,11 @@
-"""WinogradConv (F(4x4, 3x3)) computes the same convolution as nn.Conv2d, for any map size."""
+"""WinogradConv (F(m x m, r x r)) computes the same convolution as nn.Conv2d, for any map size."""
 
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from convviz.winograd import WinogradConv, applies
+from convviz.winograd import MAX_SPAN, WinogradConv, applies, tiles_worth_trying, transforms
 
 
 def reference(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
@@ -37,6 +37,47 @@ def test_equals_the_direct_convolution(batch, cin, cout, hw, padding, bias):
             assert got.shape == expected.shape
             # float32 Winograd error, relative to the output's scale: ~1e-6 here, ~1e-5 at 256 channels.
             assert (got.double() - expected).abs().max() <= 2e-5 * expected.abs().max()
+
+
+@pytest.mark.parametrize(
+    "kernel, tile",
+    [(3, m) for m in range(2, 7)] + [(5, m) for m in range(2, 5)] + [(2, 5), (7, 2)],
+)
+@pytest.mark.parametrize("hw, padding", [((3, 3), None), ((7, 9), 0), ((11, 9), (1, 0))])
+def test_every_tile_and_kernel_equals_the_direct_convolution(kernel, tile, hw, padding):
+    """F(m, r) for every tile side offered (n = m + r - 1 <= 8), on maps of one tile, partial
+    tiles and unequal padding ('None': the padding that keeps the map size)."""
+    torch.manual_seed(0)
+    padding = kernel // 2 if padding is None else padding
+    conv = nn.Conv2d(24, 40, kernel, padding=padding).eval()
+    x = torch.randn(3, 24, *hw)
+    expected = reference(conv, x)
+    with torch.no_grad():
+        got = WinogradConv(conv, tile)(x)
+    assert got.shape == expected.shape
+    # The transforms' coefficients grow with n: ~1e-6 of the output's scale at n = 4, ~1e-5 at n = 8.
+    assert (got.double() - expected).abs().max() <= (2e-5 if tile + kernel <= 7 else 5e-5) * expected.abs().max()
+
+
+def test_transforms_are_lavin_and_grays_for_f4x3():
+    """The Cook-Toom construction reproduces the published F(4, 3) matrices (Lavin & Gray 2016, Eq. 10)."""
+    bt, g, at = transforms(4, 3)
+    lavin_bt = [[4, 0, -5, 0, 1, 0], [0, -4, -4, 1, 1, 0], [0, 4, -4, -1, 1, 0],
+                [0, -2, -1, 2, 1, 0], [0, 2, -1, -2, 1, 0], [0, 4, 0, -5, 0, 1]]
+    lavin_g = [[1 / 4, 0, 0], [-1 / 6, -1 / 6, -1 / 6], [-1 / 6, 1 / 6, -1 / 6],
+               [1 / 24, 1 / 12, 1 / 6], [1 / 24, -1 / 12, 1 / 6], [0, 0, 1]]
+    lavin_at = [[1, 1, 1, 1, 1, 0], [0, 1, -1, 2, -2, 0], [0, 1, 1, 4, 4, 0], [0, 1, -1, 8, -8, 1]]
+    for got, expected in ((bt, lavin_bt), (g, lavin_g), (at, lavin_at)):
+        assert torch.allclose(got, torch.tensor(expected, dtype=torch.float64), atol=1e-12)
+
+
+def test_tile_sides_worth_trying_need_the_fewest_products():
+    assert tiles_worth_trying(3, (3, 3)) == [3, 4]  # one 5x5 tile (25 products) before one 6x6 (36)
+    assert tiles_worth_trying(3, (8, 8)) == [4, 5]  # four 6x6 tiles (144) before four 7x7 (196)
+    assert tiles_worth_trying(5, (7, 7)) == [4, 3]  # four 8x8 tiles (256) before nine 7x7 (441)
+    assert all(m + 5 - 1 <= MAX_SPAN for m in tiles_worth_trying(5, (30, 30), count=10))
+    with pytest.raises(ValueError, match="F\\(7, 3\\)"):
+        transforms(7, 3)  # n = 9: not offered
 
 
 def test_buffers_reused_across_sizes_keep_their_zero_border_and_never_alias_the_output():
@@ -79,12 +120,14 @@ def test_a_smaller_map_in_the_same_tiles_sees_zero_padding():
         (nn.Conv2d(4, 4, 3, stride=2, padding=1), False),
         (nn.Conv2d(4, 4, 3, padding=2, dilation=2), False),
         (nn.Conv2d(4, 4, 3, padding=1, groups=2), False),
-        (nn.Conv2d(4, 4, 5, padding=2), False),
+        (nn.Conv2d(4, 4, 5, padding=2), True),
+        (nn.Conv2d(4, 4, 9, padding=4), False),  # n = m + 9 - 1 > 8 for every tile
+        (nn.Conv2d(4, 4, (3, 5), padding=1), False),
         (nn.Conv2d(4, 4, 3, padding="same"), False),
         (nn.Conv2d(4, 4, 3, padding=1, padding_mode="reflect"), False),
     ],
 )
-def test_applies_only_to_plain_stride_1_3x3_convolutions(conv, ok):
+def test_applies_only_to_plain_stride_1_square_convolutions(conv, ok):
     assert applies(conv) is ok
     if not ok:
         with pytest.raises(ValueError, match="WinogradConv needs"):
