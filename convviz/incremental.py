@@ -860,7 +860,10 @@ class IncrementalInference:
                 fast = self._winograd.get((node, tile))
                 if fast is None:
                     fast = self._winograd[node, tile] = winograd.WinogradConv(conv, tile).to(x.device)
-                ways[f"winograd{tile}"] = fast
+                # Into a kept buffer: a fresh output costs page faults, how many varying from run
+                # to run (they made this way measure 2x slower on some first batches).
+                scratch = self._scratch_for((node, "out", tile), x)
+                ways[f"winograd{tile}"] = lambda t, fast=fast, scratch=scratch: fast(t, out=scratch(fast.tiled_shape(t)))
         chosen = self._layouts.get(node)
         if chosen in ways:
             return ways[chosen](x)

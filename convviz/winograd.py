@@ -23,6 +23,7 @@ prod_{l != j} (p_j - p_l) and row j of G divided by it, which makes B^T integer 
 from __future__ import annotations
 
 import functools
+import threading
 from fractions import Fraction
 
 import torch
@@ -33,6 +34,17 @@ from convviz.deconv_window import pair
 _POINTS = (Fraction(0), Fraction(1), Fraction(-1), Fraction(2), Fraction(-2), Fraction(1, 2), Fraction(-1, 2))
 MAX_SPAN = len(_POINTS) + 1  # n = m + r - 1 <= 8: larger tiles lose too much precision in float32
 CHUNK_TILES = 256  # tiles per pass (whole images; at least one)
+
+# Working buffers shared by every WinogradConv of a thread (they run one after another): a few MB
+# in all instead of a set per layer, kept warm in memory and cache. `zeroed` records the layout
+# (shape, address, interior) the padded input buffer's border was last zeroed for.
+_shared = threading.local()
+
+
+def _pool() -> dict:
+    if not hasattr(_shared, "buffers"):
+        _shared.buffers, _shared.zeroed = {}, None
+    return _shared.buffers
 
 
 @functools.lru_cache(maxsize=None)
@@ -120,8 +132,6 @@ class WinogradConv(nn.Module):
         self.padding = pair(conv.padding)
         self.out_channels = cout
         self._bias_rows: dict[int, Tensor] = {}
-        self._buffers_kept: dict[str, Tensor] = {}
-        self._zeroed: tuple | None = None  # (shape, address, input size) the padded buffer was zeroed for
 
     def set_weight(self, weight: Tensor) -> None:
         """Transform new filters [Cout, Cin, r, r] (same shape) into U (in float64, then cast):
@@ -131,10 +141,10 @@ class WinogradConv(nn.Module):
         self.u.copy_(u)
 
     def release(self) -> None:
-        """Free the buffers kept between calls (they are made again on the next call)."""
-        self._buffers_kept.clear()
+        """Free the working buffers (shared by this thread's WinogradConvs; made again on the next call)."""
+        _pool().clear()
+        _shared.zeroed = None
         self._bias_rows.clear()
-        self._zeroed = None
 
     def _bias_row(self, tiles: int) -> Tensor:
         """The bias repeated over the tiles, (tile, cout) order: [tiles * Cout]."""
@@ -144,14 +154,16 @@ class WinogradConv(nn.Module):
         return row
 
     def _scratch(self, name: str, shape: tuple[int, ...], like: Tensor) -> Tensor:
-        """A tensor of `shape` in the buffer kept under `name`, reused from call to call (fresh
-        multi-megabyte tensors cost a page fault per 4 KiB on first touch); grown when needed."""
+        """A tensor of `shape` in the shared buffer `name`, reused from call to call and layer to
+        layer (fresh multi-megabyte tensors cost a page fault per 4 KiB on first touch); grown
+        when needed."""
         numel = 1
         for size in shape:
             numel *= size
-        buffer = self._buffers_kept.get(name)
-        if buffer is None or buffer.numel() < numel or buffer.dtype != like.dtype or buffer.device != like.device:
-            buffer = self._buffers_kept[name] = torch.empty(numel, dtype=like.dtype, device=like.device)
+        pool, key = _pool(), (name, like.dtype, like.device)
+        buffer = pool.get(key)
+        if buffer is None or buffer.numel() < numel:
+            buffer = pool[key] = torch.empty(numel, dtype=like.dtype, device=like.device)
         return buffer[:numel].view(shape)
 
     def _along_both_axes(self, matrix: Tensor, x: Tensor, first: str, second: str) -> Tensor:
@@ -165,15 +177,33 @@ class WinogradConv(nn.Module):
         torch.bmm(matrix.expand(rows, rows, columns), step, out=out)  # out[i] = matrix @ step[i]
         return out
 
-    def forward(self, x: Tensor) -> Tensor:
-        batch, channels, height, width = x.shape
-        (ph, pw), m, n = self.padding, self.tile, self.span
+    def _output_size(self, x: Tensor) -> tuple[int, int]:
+        (height, width), (ph, pw) = x.shape[-2:], self.padding
         out_h, out_w = height + 2 * ph - self.kernel + 1, width + 2 * pw - self.kernel + 1
         if out_h < 1 or out_w < 1:
             raise ValueError(f"input {height}x{width} with padding {self.padding} is smaller than the {self.kernel}x{self.kernel} kernel")
+        return out_h, out_w
+
+    def tiled_shape(self, x: Tensor) -> tuple[int, int, int, int]:
+        """The shape of the buffer `forward(x, out=...)` writes: [B, Hout, Wout, Cout] rounded up
+        to whole tiles."""
+        m = self.tile
+        out_h, out_w = self._output_size(x)
+        return x.shape[0], -(-out_h // m) * m, -(-out_w // m) * m, self.out_channels
+
+    def forward(self, x: Tensor, out: Tensor | None = None) -> Tensor:
+        """The convolution of x [B, Cin, H, W]: channels-last [B, Cout, Hout, Wout], written into
+        `out` (contiguous, shaped as `tiled_shape(x)`: a buffer the caller keeps, which saves a
+        page fault per 4 KiB of a fresh output) or into a new tensor."""
+        batch, channels, height, width = x.shape
+        m, n = self.tile, self.span
+        out_h, out_w = self._output_size(x)
         ty, tx = -(-out_h // m), -(-out_w // m)
-        # A new tensor (the caller may keep it), written tile by tile: [B, ty, m, tx, m, Cout].
-        out = x.new_empty(batch, ty * m, tx * m, self.out_channels)
+        # Written tile by tile: [B, ty, m, tx, m, Cout].
+        if out is None:
+            out = x.new_empty(self.tiled_shape(x))
+        elif tuple(out.shape) != self.tiled_shape(x) or not out.is_contiguous():
+            raise ValueError(f"out must be a contiguous {self.tiled_shape(x)} tensor, got {tuple(out.shape)}")
         # Images in chunks of at most CHUNK_TILES tiles: the transformed products of a chunk
         # (n*n values per tile and channel, 4x the output's size for F(4x4, 5x5)) stay in cache
         # between the product and the output transform (AlexNet's conv2 at 64 px: 15.5 -> 12.8 ms,
@@ -182,14 +212,15 @@ class WinogradConv(nn.Module):
         # The input, zero-padded to whole tiles (the extra outputs at the bottom/right are cut off
         # at the end), one chunk at a time: only the interior is written, so the border stays zero
         # from chunk to chunk and call to call.
+        (ph, pw) = self.padding
         padded_shape = (step, ty * m + n - m, tx * m + n - m, channels)
         padded = self._scratch("padded", padded_shape, x)
         # Zeroed again for a new buffer, a new shape in it, or a new interior (a smaller map in the
-        # same tiles would leave the last call's values where its padding is).
-        layout = (padded_shape, padded.data_ptr(), height, width)
-        if self._zeroed != layout:
+        # same tiles, or another layer's padding, would leave values where this call's padding is).
+        layout = (padded_shape, padded.data_ptr(), height, width, ph, pw)
+        if _shared.zeroed != layout:
             padded.zero_()
-            self._zeroed = layout
+            _shared.zeroed = layout
         for start in range(0, batch, step):
             chunk = x[start : start + step]
             self._tiles(chunk, padded[: len(chunk)], out[start : start + step], ty, tx)

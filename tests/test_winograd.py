@@ -132,3 +132,35 @@ def test_applies_only_to_plain_stride_1_square_convolutions(conv, ok):
     if not ok:
         with pytest.raises(ValueError, match="WinogradConv needs"):
             WinogradConv(conv)
+
+
+def test_writes_into_a_kept_buffer_of_whole_tiles():
+    """forward(x, out=buffer): the same convolution, in the caller's [B, tiles*m, tiles*m, Cout]
+    buffer (the output cut from it), and a buffer of the wrong shape is refused by name."""
+    torch.manual_seed(0)
+    conv = nn.Conv2d(6, 10, 5, padding=2).eval()
+    fast = WinogradConv(conv, 3)
+    x = torch.randn(2, 6, 7, 7)
+    assert fast.tiled_shape(x) == (2, 9, 9, 10)  # 7x7 outputs in 3x3 tiles
+    buffer = torch.full(fast.tiled_shape(x), float("nan"))
+    with torch.no_grad():
+        got = fast(x, out=buffer)
+    assert got.data_ptr() == buffer.data_ptr() and got.shape == (2, 10, 7, 7)
+    assert (got.double() - reference(conv, x)).abs().max() <= 2e-5 * reference(conv, x).abs().max()
+    with pytest.raises(ValueError, match="out must be a contiguous"):
+        fast(x, out=torch.empty(2, 7, 7, 10))
+
+
+def test_layers_sharing_the_working_buffers_see_their_own_zero_padding():
+    """Every WinogradConv of a thread shares one padded input buffer: a layer without padding
+    writes values where a padded layer's border is (same buffer shape, 6x6 outputs in two 4x4
+    tiles a side), so the padded layer's next call must zero it again."""
+    torch.manual_seed(0)
+    padded_conv, valid_conv = nn.Conv2d(4, 4, 3, padding=1).eval(), nn.Conv2d(4, 4, 3).eval()
+    fast = {padded_conv: WinogradConv(padded_conv), valid_conv: WinogradConv(valid_conv)}
+    with torch.no_grad():
+        for conv, size in ((padded_conv, 6), (valid_conv, 8), (padded_conv, 6), (valid_conv, 8)):
+            x = torch.randn(2, 4, size, size) * 10
+            expected = reference(conv, x)
+            assert expected.shape[-2:] == (6, 6)
+            assert (fast[conv](x).double() - expected).abs().max() <= 2e-5 * expected.abs().max()
