@@ -58,11 +58,12 @@ from convviz.models.registry import get_spec
 SIGNALS = ("activation", "one")
 CONTRAST_NORM = ("identity", "gradient")
 METHODS = ("general", "explicit", "graph")
-# Rows per backward pass, as pixels per chunk: 64 (general, graph) / 256 (explicit) rows of 64x64
-# images, proportionally fewer for larger images (memory grows with the pixel count). The graph
-# deconvnet's ResNet maps are wide (64-2048 channels): 64 rows keep them in cache (measured 1.12 s
-# against 1.35 s with 256 for resnet50's layer3 top-9 of 64 maps).
-CHUNK_PIXELS = {"general": 64 * 64 * 64, "explicit": 256 * 64 * 64, "graph": 64 * 64 * 64}
+# Rows per backward pass, as pixels per chunk: 64 rows of 64x64 images, proportionally fewer for
+# larger images (memory grows with the pixel count). Larger chunks make maps of 20-90 MB, each a
+# fresh mapping with a page fault per 4 KiB: resnet50's layer3 top-9 of 64 maps took 1.35 s with
+# 256 rows against 1.12 s with 64 (graph deconvnet); zfnet's conv5 0.68-0.74 s against
+# 0.56-0.57 s (explicit; alexnet and lenet the same within noise).
+CHUNK_PIXELS = {"general": 64 * 64 * 64, "explicit": 64 * 64 * 64, "graph": 64 * 64 * 64}
 
 
 # ------------------------------------------------------------------------------------- units & signals
