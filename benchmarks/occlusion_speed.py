@@ -40,7 +40,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from convviz.io import write_json  # noqa: E402
-from convviz.machine import device_name  # noqa: E402
+from convviz.machine import device_name, matmul_rate  # noqa: E402
 from convviz.models.registry import build_model  # noqa: E402
 from convviz.occlusion import make_engine, occluder_positions, occlusion_sweep  # noqa: E402
 
@@ -83,7 +83,7 @@ def _timed(fn, device) -> tuple[float, float]:
 
 
 def measure(name: str, args, config: dict, device: torch.device) -> dict:
-    load_before = _load()
+    load_before, rate_before = _load(), matmul_rate(device)
     image_size = config["data"]["image_size"]
     model, origin = load_model(name, config["architecture"].get(name, {}), image_size, device)
     image, image_id = load_image(image_size, config["seed"], device)
@@ -143,6 +143,7 @@ def measure(name: str, args, config: dict, device: torch.device) -> dict:
         "engine_build_s": round(build_s, 3),
         "meets_goal": best["captum"] / best["incremental"] >= GOAL,
         "load_average_before_after": [load_before, _load()],
+        "matmul_gmac_per_s_before_after": [rate_before, matmul_rate(device)],
     }
 
 
@@ -191,7 +192,8 @@ def main() -> None:
             f"{row['incremental_positions_per_s']}/s (ratio {row['ratio']}, {'ok' if row['meets_goal'] else 'UNDER ' + str(GOAL)}; "
             f"median pair ratio {row['median_pair_ratio']}), "
             f"batched {row['batched_positions_per_s']}/s (ratio {row['batched_ratio']}); cpu-time ratio "
-            f"{row['cpu_time_ratio']}; max |dP(true)| {row['max_p_true_difference']:.1e}",
+            f"{row['cpu_time_ratio']}; max |dP(true)| {row['max_p_true_difference']:.1e}; machine "
+            f"{'-'.join(map(str, row['matmul_gmac_per_s_before_after']))} GMAC/s",
             flush=True,
         )
     print(f"wrote {args.out}")

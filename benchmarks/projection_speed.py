@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from convviz.deconv import project  # noqa: E402
 from convviz.io import write_json  # noqa: E402
-from convviz.machine import device_name  # noqa: E402
+from convviz.machine import device_name, matmul_rate  # noqa: E402
 from convviz.models.registry import build_model, layer_modules  # noqa: E402
 from convviz.top9 import choose_method  # noqa: E402
 from convviz.topk import mine_top9  # noqa: E402
@@ -119,6 +119,7 @@ def main() -> None:
         captum_fn = lambda: captum(model, module, images, index, ys, xs)  # noqa: E731
         has_lrn = any(isinstance(m, torch.nn.LocalResponseNorm) for m in model.modules())
         same_fn = (lambda: ours(model, name, layer, images, index, ys, xs, "general", "gradient")) if has_lrn else ours_fn  # noqa: E731
+        rate_before = matmul_rate(device)
         a, b = same_fn(), captum_fn()
         rel = float((a - b).abs().max() / b.abs().max().clamp_min(1e-12))
         best = {"ours": float("inf"), "captum": float("inf"), "same": float("inf")}
@@ -140,12 +141,14 @@ def main() -> None:
             "ours_captum_convention_s": round(best["same"], 4) if has_lrn else None,
             "max_rel_diff": rel,
             "goal": GOAL.get(device.type, 5.0),
+            "matmul_gmac_per_s_before_after": [rate_before, matmul_rate(device)],
         }
         rows.append(row)
         print(
             f"{name:9s} {layer:7s} {method:8s} {units:5d} units: ours {best['ours']:.3f}s, captum {best['captum']:.3f}s, "
             f"speedup {row['speedup']:.2f}x (goal {row['goal']}x), max rel diff {rel:.1e}"
-            + (f"; general+LRN-gradient {best['same']:.3f}s ({best['captum'] / best['same']:.2f}x)" if has_lrn else ""),
+            + (f"; general+LRN-gradient {best['same']:.3f}s ({best['captum'] / best['same']:.2f}x)" if has_lrn else "")
+            + f"; machine {'-'.join(map(str, row['matmul_gmac_per_s_before_after']))} GMAC/s",
             flush=True,
         )
         write_json({"device": device_name(device), "threads": args.threads, "images": args.images, "rows": rows}, out_path)

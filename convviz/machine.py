@@ -50,6 +50,28 @@ def device_name(device) -> str:
     return f"CPU, {torch.get_num_threads()} threads (torch {torch.__version__})"
 
 
+def matmul_rate(device, size: int = 2048, repeats: int = 5) -> float:
+    """The machine's arithmetic speed right now, for benchmark records: billions of float32
+    multiply-adds per second in a size x size matrix product (best of `repeats`). On the shared
+    2-core VMs of this project it moved between 54 and 91 within one session, and the speedup
+    ratios against Captum move with it (our code is the more compute- and memory-bound side)."""
+    import torch  # here, not at the top: rules/common.smk imports this module without torch
+
+    device = torch.device(device)
+    a = torch.randn(size, size, device=device)
+    b = torch.randn(size, size, device=device)
+    best = float("inf")
+    for _ in range(repeats + 1):  # the first run warms up
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        tic = time.perf_counter()
+        a @ b
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        best = min(best, time.perf_counter() - tic)
+    return round(size**3 / best / 1e9, 1)
+
+
 @contextlib.contextmanager
 def cpu_threads(device, threads: int | None) -> Iterator[None]:
     """Run the enclosed torch ops with `threads` intra-op threads if `device` is the CPU (None:

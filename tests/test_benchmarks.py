@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from convviz.machine import device_name
+from convviz.machine import device_name, matmul_rate
 
 ROOT = Path(__file__).resolve().parent.parent
 BENCHMARKS = ["train_throughput", "mine_overhead", "projection_speed", "occlusion_speed"]
@@ -17,6 +17,16 @@ BENCHMARKS = ["train_throughput", "mine_overhead", "projection_speed", "occlusio
 def test_device_name_says_which_cpu_setting_measured():
     name = device_name("cpu")
     assert name.startswith("CPU, ") and "threads" in name and "torch" in name
+
+
+def test_matmul_rate_is_the_product_s_multiply_adds_per_second(monkeypatch):
+    """The machine-speed figure benchmark records carry: size^3 multiply-adds over the best time,
+    in billions (a clock that advances 1 ms per reading makes every product take 1 ms)."""
+    import convviz.machine as machine
+
+    ticks = iter(range(10_000))
+    monkeypatch.setattr(machine.time, "perf_counter", lambda: next(ticks) * 1e-3)
+    assert matmul_rate("cpu", size=100, repeats=3) == round(100**3 / 1e-3 / 1e9, 1)
 
 
 @pytest.fixture
