@@ -20,7 +20,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 class Branchy(nn.Module):
     """A small ResNet-like net: BatchNorm with non-trivial statistics, an overlapping max-pool, a
-    residual block with a strided 1x1 shortcut, 3x3 stride-1 convolutions (where Winograd applies),
+    residual block with a strided 1x1 shortcut, 3x3 and 5x5 stride-1 convolutions (where Winograd applies),
     in-place ReLU modules used several times, a node read by two branches, torch.flatten."""
 
     def __init__(self):
@@ -34,7 +34,7 @@ class Branchy(nn.Module):
         self.b = nn.Conv2d(12, 12, 3, padding=1, bias=False)
         self.bn_b = nn.BatchNorm2d(12)
         self.short = nn.Conv2d(8, 12, 1, stride=2, bias=False)
-        self.c = nn.Conv2d(12, 12, 3, padding=1)
+        self.c = nn.Conv2d(12, 12, 5, padding=2)
         self.avg = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Linear(12, 5)
 
