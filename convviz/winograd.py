@@ -106,7 +106,8 @@ class WinogradConv(nn.Module):
     """conv(x) for a stride-1 nn.Conv2d (see `applies`) by F(tile x tile, r x r), any input size.
 
     Output is channels-last. The filters are transformed once, here (in float64, then cast).
-    tile: the output block side m (default 4 for 3x3 kernels, else the largest with n <= 6).
+    tile: the output block side m (default: the largest with n <= 6, e.g. 4 for 3x3 kernels; 2
+    for 6x6 and 7x7 kernels).
     """
 
     def __init__(self, conv: nn.Conv2d, tile: int | None = None) -> None:
@@ -118,7 +119,7 @@ class WinogradConv(nn.Module):
             )
         weight = conv.weight.detach()
         self.kernel = pair(conv.kernel_size)[0]
-        self.tile = tile if tile is not None else max(1, 7 - self.kernel)
+        self.tile = tile if tile is not None else max(2, 7 - self.kernel)
         self.span = self.tile + self.kernel - 1
         bt, _, at = transforms(self.tile, self.kernel)
         cout, cin = weight.shape[:2]

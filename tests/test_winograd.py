@@ -164,3 +164,8 @@ def test_layers_sharing_the_working_buffers_see_their_own_zero_padding():
             expected = reference(conv, x)
             assert expected.shape[-2:] == (6, 6)
             assert (fast[conv](x).double() - expected).abs().max() <= 2e-5 * expected.abs().max()
+
+
+@pytest.mark.parametrize("kernel, tile", [(2, 5), (3, 4), (5, 2), (6, 2), (7, 2)])
+def test_default_tile_is_the_largest_with_at_most_six_points_per_side(kernel, tile):
+    assert WinogradConv(nn.Conv2d(2, 2, kernel)).tile == tile
