@@ -854,8 +854,8 @@ class IncrementalInference:
             ways["taps"] = lambda t: taps(t.contiguous(memory_format=torch.channels_last))
         conv = module.conv if isinstance(module, SmallMapConv) else module
         if fn is module and winograd.applies(conv):
-            (ph, pw), kernel = pair(conv.padding), pair(conv.kernel_size)[0]
-            out_hw = (x.shape[-2] + 2 * ph - kernel + 1, x.shape[-1] + 2 * pw - kernel + 1)
+            kernel = pair(conv.kernel_size)[0]
+            out_hw = winograd.output_size(kernel, pair(conv.padding), x.shape[-2:])
             for tile in winograd.tiles_worth_trying(kernel, out_hw):
                 fast = self._winograd.get((node, tile))
                 if fast is None:

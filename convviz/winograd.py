@@ -90,6 +90,15 @@ def applies(conv: nn.Module) -> bool:
     )
 
 
+def output_size(kernel: int, padding: tuple[int, int], in_hw) -> tuple[int, int]:
+    """(Hout, Wout) of a stride-1 kernel x kernel convolution with `padding` on an in_hw map."""
+    (height, width), (ph, pw) = in_hw, padding
+    out_h, out_w = height + 2 * ph - kernel + 1, width + 2 * pw - kernel + 1
+    if out_h < 1 or out_w < 1:
+        raise ValueError(f"input {height}x{width} with padding {tuple(padding)} is smaller than the {kernel}x{kernel} kernel")
+    return out_h, out_w
+
+
 def tiles_worth_trying(kernel: int, out_hw: tuple[int, int], count: int = 2) -> list[int]:
     """The `count` tile sides m that need the fewest transformed products (tiles * n * n) for an
     out_hw output of a kernel x kernel convolution; the smaller tile first among equals (its
@@ -179,11 +188,7 @@ class WinogradConv(nn.Module):
         return out
 
     def _output_size(self, x: Tensor) -> tuple[int, int]:
-        (height, width), (ph, pw) = x.shape[-2:], self.padding
-        out_h, out_w = height + 2 * ph - self.kernel + 1, width + 2 * pw - self.kernel + 1
-        if out_h < 1 or out_w < 1:
-            raise ValueError(f"input {height}x{width} with padding {self.padding} is smaller than the {self.kernel}x{self.kernel} kernel")
-        return out_h, out_w
+        return output_size(self.kernel, self.padding, x.shape[-2:])
 
     def tiled_shape(self, x: Tensor) -> tuple[int, int, int, int]:
         """The shape of the buffer `forward(x, out=...)` writes: [B, Hout, Wout, Cout] rounded up
@@ -201,10 +206,11 @@ class WinogradConv(nn.Module):
         out_h, out_w = self._output_size(x)
         ty, tx = -(-out_h // m), -(-out_w // m)
         # Written tile by tile: [B, ty, m, tx, m, Cout].
+        shape = (batch, ty * m, tx * m, self.out_channels)  # tiled_shape(x)
         if out is None:
-            out = x.new_empty(self.tiled_shape(x))
-        elif tuple(out.shape) != self.tiled_shape(x) or not out.is_contiguous():
-            raise ValueError(f"out must be a contiguous {self.tiled_shape(x)} tensor, got {tuple(out.shape)}")
+            out = x.new_empty(shape)
+        elif tuple(out.shape) != shape or not out.is_contiguous():
+            raise ValueError(f"out must be a contiguous {shape} tensor, got {tuple(out.shape)}")
         # Images in chunks of at most CHUNK_TILES tiles: the transformed products of a chunk
         # (n*n values per tile and channel, 4x the output's size for F(4x4, 5x5)) stay in cache
         # between the product and the output transform (AlexNet's conv2 at 64 px: 15.5 -> 12.8 ms,
