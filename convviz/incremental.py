@@ -424,7 +424,7 @@ def _fold_upsampling_pool(gm: fx.GraphModule, keep: set[fx.Node]) -> int:
         with torch.enable_grad():
             probe = fc.weight.new_zeros(fc.out_features, *in_shape[1:]).requires_grad_(True)
             (weight,) = torch.autograd.grad(pool(probe).flatten(1), probe, grad_outputs=fc.weight.detach())
-        merged = nn.Linear(weight[0].numel(), fc.out_features, bias=fc.bias is not None)
+        merged = nn.Linear(weight[0].numel(), fc.out_features, bias=fc.bias is not None, device=fc.weight.device, dtype=fc.weight.dtype)
         with torch.no_grad():
             merged.weight.copy_(weight.flatten(1))
             if fc.bias is not None:

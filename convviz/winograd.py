@@ -135,8 +135,8 @@ class WinogradConv(nn.Module):
         self.register_buffer("u", weight.new_empty(self.span * self.span, cin, cout))
         self.set_weight(weight)
         # Each transform is applied along one axis, then (batched over the first) the other.
-        self.register_buffer("input_transform", bt.to(weight.dtype))  # [n, n]
-        self.register_buffer("output_transform", at.to(weight.dtype))  # [m, n]
+        self.register_buffer("input_transform", bt.to(weight.device, weight.dtype))  # [n, n], on the conv's device
+        self.register_buffer("output_transform", at.to(weight.device, weight.dtype))  # [m, n]
         bias = conv.bias.detach() if conv.bias is not None else weight.new_zeros(cout)
         self.register_buffer("bias", bias)
         self.padding = pair(conv.padding)
