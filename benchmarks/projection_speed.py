@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from convviz.deconv import project  # noqa: E402
 from convviz.io import write_json  # noqa: E402
-from convviz.machine import device_name, matmul_rate  # noqa: E402
+from convviz.machine import device_name, full_precision_float32, matmul_rate  # noqa: E402
 from convviz.models.registry import build_model, layer_modules  # noqa: E402
 from convviz.top9 import choose_method  # noqa: E402
 from convviz.topk import mine_top9  # noqa: E402
@@ -105,6 +105,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
+    full_precision_float32()  # what the analysis rules run (no TF32 on CUDA), for Captum and us alike
     images = torch.randn(args.images, 3, 64, 64, generator=torch.Generator().manual_seed(0)).to(device)
     rows = []
     default_out = Path(__file__).resolve().parent.parent / "results" / "benchmarks" / f"projection_speed_{device.type}.json"

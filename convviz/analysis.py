@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from convviz.data.common import ImageDataset
+from convviz.machine import full_precision_float32
 from convviz.models.checkpoint import load_model
 from convviz.train import resolve_device
 
@@ -29,7 +30,9 @@ __all__ = [
 
 def load_for_analysis(checkpoint: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[nn.Module, dict]:
     """A trained model in eval mode with frozen parameters (projections and probes never need
-    parameter gradients; leaving them on costs memory and time), plus its checkpoint metadata."""
+    parameter gradients; leaving them on costs memory and time), plus its checkpoint metadata.
+    On CUDA, float32 work runs in full float32 from here on (`full_precision_float32`)."""
+    full_precision_float32()
     model, meta = load_model(checkpoint, device)
     model.requires_grad_(False)
     return model.eval(), meta
