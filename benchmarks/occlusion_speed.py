@@ -15,7 +15,12 @@ of --repeats runs, alternating the order (`ratio`); also the median over repeats
 over ours in the same repeat (`median_pair_ratio`, steadier on a shared machine) and the ratio of
 the best process CPU times (`cpu_time_ratio`, insensitive to waiting for a busy CPU). Building the
 incremental engine (tracing, folding) happens once per model, like constructing Captum's
-Occlusion, and is reported separately (`engine_build_s`). Goal: incremental >= 2x Captum.
+Occlusion, and is reported separately (`engine_build_s`). On CUDA a fourth run:
+  graphed      the batched sweep recorded once as a CUDA graph and replayed (method "graphed",
+               what the rule's method "auto" runs on a GPU; recording time `graph_record_s`).
+`ratio` is Captum's time over the time of the method "auto" picks on the device (incremental on
+the CPU, graphed on CUDA). Every sweep's P(true) is also compared with the batched sweep run in fp32
+on the CPU (`max_p_true_difference_<method>_vs_cpu_fp32`). Goal: ratio >= 2.
 
     .venv/bin/python benchmarks/occlusion_speed.py [--models lenet alexnet zfnet resnet50]
         [--size 16] [--stride 2] [--batch-size 64] [--threads N] [--repeats 5] [--device cpu]
@@ -27,6 +32,7 @@ come from config.yaml. Results: results/benchmarks/occlusion_speed.json.
 from __future__ import annotations
 
 import argparse
+import copy
 import os
 import sys
 import time
@@ -40,7 +46,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from convviz.io import write_json  # noqa: E402
-from convviz.machine import device_name, matmul_rate  # noqa: E402
+from convviz.machine import device_name, full_precision_float32, matmul_rate  # noqa: E402
 from convviz.models.registry import build_model  # noqa: E402
 from convviz.occlusion import make_engine, occluder_positions, occlusion_sweep  # noqa: E402
 
@@ -96,6 +102,13 @@ def measure(name: str, args, config: dict, device: torch.device) -> dict:
     method, engine = make_engine(model, name, "incremental", log=lambda m: None)
     engine.prepare(image)
     build_s = time.perf_counter() - tic
+    graphed = device.type == "cuda"  # off CUDA "graphed" is the batched sweep run eagerly
+    if graphed:
+        graph_engine = make_engine(model, name, "graphed")[1]
+        tic = time.perf_counter()
+        occlusion_sweep(model, name, image, label, size, stride, batch, method="graphed", engine=graph_engine)
+        _sync(device)
+        record_s = time.perf_counter() - tic  # the first sweep records the graph
 
     from captum.attr import Occlusion
 
@@ -108,9 +121,18 @@ def measure(name: str, args, config: dict, device: torch.device) -> dict:
         "incremental": lambda: occlusion_sweep(model, name, image, label, size, stride, batch, method=method, engine=engine),
         "batched": lambda: occlusion_sweep(model, name, image, label, size, stride, batch, method="batched"),
     }
-    incremental, batched = runs["incremental"](), runs["batched"]()  # warm-up, and the agreement check
+    if graphed:
+        runs["graphed"] = lambda: occlusion_sweep(model, name, image, label, size, stride, batch, method="graphed", engine=graph_engine)
+    ours = "graphed" if graphed else "incremental"  # what method "auto" (the rule) runs on this device
+    sweeps = {key: runs[key]() for key in runs if key != "captum"}  # warm-up, and the agreement checks
     runs["captum"]()
-    agreement = float(np.abs(incremental.p_true - batched.p_true).max())
+    agreement = float(np.abs(sweeps["incremental"].p_true - sweeps["batched"].p_true).max())
+    # The oracle: a plain fp32 loop on the CPU; here the batched sweep on the CPU in fp32
+    # (on CUDA, convolutions run in TF32 by torch's default, for Captum and us alike).
+    reference = sweeps["batched"]
+    if device.type != "cpu":
+        reference = occlusion_sweep(copy.deepcopy(model).cpu(), name, image.cpu(), label, size, stride, batch, method="batched")
+    against_cpu = {f"max_p_true_difference_{key}_vs_cpu_fp32": float(np.abs(m.p_true - reference.p_true).max()) for key, m in sweeps.items()}
     wall = {k: [] for k in runs}
     cpu = {k: [] for k in runs}
     order = list(runs)
@@ -122,26 +144,30 @@ def measure(name: str, args, config: dict, device: torch.device) -> dict:
     best = {k: min(v) for k, v in wall.items()}
     # Each repeat times Captum and ours back to back: on a shared machine their ratio is steadier
     # than the ratio of the two best times.
-    pair_ratio = float(np.median([c / i for c, i in zip(wall["captum"], wall["incremental"])]))
+    pair_ratio = float(np.median([c / i for c, i in zip(wall["captum"], wall[ours])]))
     return {
         "model": name,
         "weights": origin,
         "image": image_id,
         "positions": positions,
-        "method": method,
+        "method": method if ours == "incremental" else ours,
         "captum_s": round(best["captum"], 4),
         "incremental_s": round(best["incremental"], 4),
         "batched_s": round(best["batched"], 4),
         "captum_positions_per_s": round(positions / best["captum"], 1),
         "incremental_positions_per_s": round(positions / best["incremental"], 1),
         "batched_positions_per_s": round(positions / best["batched"], 1),
-        "ratio": round(best["captum"] / best["incremental"], 2),
+        "ratio": round(best["captum"] / best[ours], 2),
+        "incremental_ratio": round(best["captum"] / best["incremental"], 2),
         "median_pair_ratio": round(pair_ratio, 2),
         "batched_ratio": round(best["captum"] / best["batched"], 2),
-        "cpu_time_ratio": round(min(cpu["captum"]) / min(cpu["incremental"]), 2),
+        "cpu_time_ratio": round(min(cpu["captum"]) / min(cpu[ours]), 2),
         "max_p_true_difference": agreement,
+        **against_cpu,
         "engine_build_s": round(build_s, 3),
-        "meets_goal": best["captum"] / best["incremental"] >= GOAL,
+        **({"graphed_s": round(best["graphed"], 4), "graphed_positions_per_s": round(positions / best["graphed"], 1),
+            "graphed_ratio": round(best["captum"] / best["graphed"], 2), "graph_record_s": round(record_s, 3)} if graphed else {}),
+        "meets_goal": best["captum"] / best[ours] >= GOAL,
         "load_average_before_after": [load_before, _load()],
         "matmul_gmac_per_s_before_after": [rate_before, matmul_rate(device)],
     }
@@ -172,6 +198,7 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
+    full_precision_float32()  # what the analysis rules run (no TF32 on CUDA), for Captum and us alike
     summary = {
         "device": device_name(device),
         "torch": torch.__version__,
@@ -189,7 +216,9 @@ def main() -> None:
         write_json(summary, args.out)  # after every model: a long run that dies keeps what it measured
         print(
             f"{name}: {row['positions']} positions; captum {row['captum_positions_per_s']}/s, incremental "
-            f"{row['incremental_positions_per_s']}/s (ratio {row['ratio']}, {'ok' if row['meets_goal'] else 'UNDER ' + str(GOAL)}; "
+            f"{row['incremental_positions_per_s']}/s (ratio {row['incremental_ratio']}), "
+            + (f"graphed {row['graphed_positions_per_s']}/s (ratio {row['graphed_ratio']}), " if "graphed_s" in row else "")
+            + f"{row['method']}: ratio {row['ratio']}, {'ok' if row['meets_goal'] else 'UNDER ' + str(GOAL)}; "
             f"median pair ratio {row['median_pair_ratio']}), "
             f"batched {row['batched_positions_per_s']}/s (ratio {row['batched_ratio']}); cpu-time ratio "
             f"{row['cpu_time_ratio']}; max |dP(true)| {row['max_p_true_difference']:.1e}; machine "

@@ -11,7 +11,10 @@ occluder positions are the top-left corners 0, stride, 2*stride, ... <= image si
 All positions of an image go through one batched sweep. `method="incremental"` runs it with
 `convviz.incremental` (each layer recomputes only the region the occluder reaches, on top of the
 unoccluded image's cached maps; exact up to float rounding); `method="batched"` forwards whole
-occluded images. Models torch.fx cannot trace fall back to "batched".
+occluded images; `method="graphed"` forwards whole occluded images too, but records each batch's
+work once as a CUDA graph and replays it (`convviz.graphed`; on a GPU these small models are bound
+by kernel launches, not arithmetic). `method="auto"` is "graphed" on CUDA and "incremental"
+elsewhere. Models torch.fx cannot trace fall back from "incremental" to "batched".
 """
 
 from __future__ import annotations
@@ -30,10 +33,11 @@ from torch import Tensor, nn
 from convviz.analysis import load_for_analysis, open_split, resolve_device, seeded_sample, with_oom_retry
 from convviz.data.common import load_image
 from convviz.deconv import forward_to, project
+from convviz.graphed import GraphedSweep
 from convviz.incremental import IncrementalInference, Patched, total_per_channel
 from convviz.models.registry import get_spec
 
-METHODS = ("incremental", "batched")
+METHODS = ("incremental", "batched", "graphed")
 COLUMNS = ["model", "image_id", "label", "layer", "channel", "y", "x", "fmap_activation", "p_true", "top_class"]
 LOCALISATION_COLUMNS = ["model", "images", "boxed_images", "inside", "share_inside", "chance_share"]
 
@@ -93,14 +97,15 @@ def occlusion_sweep(
     batch_size: int,
     fill: Tensor | None = None,
     method: str = "incremental",
-    engine: IncrementalInference | None = None,
+    engine: IncrementalInference | GraphedSweep | None = None,
 ) -> OcclusionMaps:
     """Slide the occluder over `image` [1, 3, S, S] (normalised) and record the Fig. 7 maps.
 
     size, stride: occluder side and step in pixels. fill: the occluder's colour, [3] in normalised
     units (default 0: the dataset's mean colour). batch_size: occluder positions per batch.
-    engine: an IncrementalInference of `model` watching the top conv layer ("top"), reused across
-    images (method="incremental"; one is built when None).
+    engine: an IncrementalInference of `model` watching the top conv layer ("top") for
+    method="incremental", a GraphedSweep for method="graphed", reused across images (one is built
+    when None).
     """
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
@@ -112,56 +117,77 @@ def occlusion_sweep(
     y0, x0 = _grid(ys, xs, device)
     top = model.get_submodule(spec.layers[spec.top_conv])
     with torch.no_grad():
-        if method == "incremental":
-            if engine is None:
-                engine = IncrementalInference(model, {"top": spec.layers[spec.top_conv]})
-            logits, watched = engine.prepare(image)
-            base_map = watched["top"]
+        if method == "graphed":
+            engine = engine or GraphedSweep(model, top)
+            values = engine.run(image, fill, label, y0, x0, size, batch_size)
+            # Fig. 7 (b): the feature map with the strongest response on the unoccluded image.
+            channel = int(values.base_max.argmax())
+            maps = (values.totals[:, channel], values.p_true, values.top_class)
+            base_total, base_probs = values.base_totals[channel], values.base_probs
         else:
-            base_map = forward_to(model, top, image)
-            logits = model(image)
-        # Fig. 7 (b): the feature map with the strongest response on the unoccluded image.
-        channel = int(base_map[0].flatten(1).amax(1).argmax())
-        base_probs = logits.float().softmax(1)[0]
-        totals, p_true, top_class = [], [], []
-        for start in range(0, len(y0), batch_size):
-            by, bx = y0[start : start + batch_size], x0[start : start + batch_size]
             if method == "incremental":
-                window = fill.view(1, -1, 1, 1).expand(len(by), -1, size, size)
-                logits, watched = engine.run(Patched(window, by, bx))
-                total = total_per_channel(watched["top"], base_map, torch.tensor([channel], device=device))[:, 0]
+                if engine is None:
+                    engine = IncrementalInference(model, {"top": spec.layers[spec.top_conv]})
+                logits, watched = engine.prepare(image)
+                base_map = watched["top"]
             else:
-                acts: list[Tensor] = []
-                handle = top.register_forward_hook(lambda m, a, out: acts.append(out[:, channel]))
-                try:
-                    logits = model(occlude(image, by, bx, size, fill))
-                finally:
-                    handle.remove()
-                total = acts[0].flatten(1).sum(1)
-            probs = logits.float().softmax(1)
-            totals.append(total.float().cpu())
-            p_true.append(probs[:, label].cpu())
-            top_class.append(probs.argmax(1).cpu())
+                base_map = forward_to(model, top, image)
+                logits = model(image)
+            channel = int(base_map[0].flatten(1).amax(1).argmax())  # as above
+            base_total, base_probs = base_map[0, channel].sum(), logits.float().softmax(1)[0]
+            batches = [
+                _one_batch(model, top, image, fill, size, label, channel, method, engine, base_map, y0[s : s + batch_size], x0[s : s + batch_size])
+                for s in range(0, len(y0), batch_size)
+            ]
+            maps = tuple(torch.cat(values) for values in zip(*batches))
+        totals, p_true, top_class = (m.cpu() for m in maps)
     shape = (len(ys), len(xs))
     return OcclusionMaps(
         ys=ys,
         xs=xs,
         channel=channel,
-        fmap_activation=torch.cat(totals).view(shape).numpy(),
-        p_true=torch.cat(p_true).view(shape).numpy(),
-        top_class=torch.cat(top_class).view(shape).numpy(),
-        base_fmap_activation=float(base_map[0, channel].sum()),
+        fmap_activation=totals.view(shape).numpy(),
+        p_true=p_true.view(shape).numpy(),
+        top_class=top_class.view(shape).numpy(),
+        base_fmap_activation=float(base_total),
         base_p_true=float(base_probs[label]),
         base_top_class=int(base_probs.argmax()),
     )
 
 
+def _one_batch(model, top, image, fill, size, label, channel, method, engine, base_map, by, bx):
+    """(total activation of the watched map, P(label), most probable class) for occluders at (by, bx)."""
+    if method == "incremental":
+        window = fill.view(1, -1, 1, 1).expand(len(by), -1, size, size)
+        logits, watched = engine.run(Patched(window, by, bx))
+        total = total_per_channel(watched["top"], base_map, torch.tensor([channel], device=image.device))[:, 0]
+    else:
+        acts: list[Tensor] = []
+        handle = top.register_forward_hook(lambda m, a, out: acts.append(out[:, channel]))
+        try:
+            logits = model(occlude(image, by, bx, size, fill))
+        finally:
+            handle.remove()
+        total = acts[0].flatten(1).sum(1)
+    probs = logits.float().softmax(1)
+    return total.float(), probs[:, label], probs.argmax(1)
+
+
 def make_engine(model: nn.Module, model_name: str, method: str, log: Callable[[str], None] = print):
-    """(method, engine): an IncrementalInference watching the top conv layer, or the batched
-    fallback (engine None) when asked for or when torch.fx cannot trace the model."""
+    """(method, engine) for occlusion_sweep: an IncrementalInference watching the top conv layer,
+    a GraphedSweep, or the batched sweep (engine None). "auto" is "graphed" for a model on a CUDA
+    device and "incremental" elsewhere; "incremental" falls back to "batched" when torch.fx cannot
+    trace the model."""
+    if method not in (*METHODS, "auto"):
+        raise ValueError(f"occlusion method must be one of {[*METHODS, 'auto']}, got {method!r}")
+    spec = get_spec(model_name)
+    if method == "auto":
+        on_cuda = any(p.is_cuda for p in model.parameters())
+        method = "graphed" if on_cuda else "incremental"
     if method == "batched":
         return "batched", None
-    spec = get_spec(model_name)
+    if method == "graphed":
+        return "graphed", GraphedSweep(model, model.get_submodule(spec.layers[spec.top_conv]))
     reason = IncrementalInference.unsupported(model)
     if reason is not None:
         log(f"occlusion: incremental inference does not apply to {model_name} ({reason}); using whole occluded images")

@@ -1,6 +1,8 @@
 """Occlusion sensitivity (Fig. 7): incremental inference is exact, the sweep's semantics are the
 paper's (raw values per position, no wrap-around), and the rule writes what it promises."""
 
+import copy
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -10,6 +12,7 @@ from torch import nn
 
 from convviz.config import ConfigError, validate_config
 from convviz.deconv import forward_to
+from convviz.graphed import GraphedSweep
 from convviz.incremental import IncrementalInference, Patched, materialise, total_per_channel
 from convviz.models import build_model, get_spec
 from convviz.models.checkpoint import save_checkpoint
@@ -18,6 +21,7 @@ from convviz.occlusion import (
     LOCALISATION_COLUMNS,
     OcclusionMaps,
     OcclusionOutputs,
+    make_engine,
     minimum_inside_box,
     occluder_positions,
     occlusion_sweep,
@@ -89,7 +93,7 @@ def loop_sweep(model, image, label, size, stride, channel_module, channel):
 
 
 @pytest.mark.parametrize("name", list(ARCH))
-@pytest.mark.parametrize("method", ["incremental", "batched"])
+@pytest.mark.parametrize("method", ["incremental", "batched", "graphed"])
 def test_sweep_agrees_with_a_plain_fp32_loop_per_position(models, image, name, method):
     model = models[name]
     spec = get_spec(name)
@@ -298,13 +302,65 @@ class DataDependent(nn.Module):
 
 
 def test_untraceable_models_fall_back_to_whole_occluded_images():
-    from convviz.occlusion import make_engine
-
     messages = []
     method, engine = make_engine(DataDependent().eval(), "lenet", "incremental", messages.append)
     assert (method, engine) == ("batched", None)
     assert "torch.fx cannot trace it" in messages[0]
     assert IncrementalInference.unsupported(Toy()) is None
+
+
+def test_auto_is_incremental_off_cuda_and_unknown_methods_are_refused(models):
+    method, engine = make_engine(models["lenet"], "lenet", "auto")
+    assert method == "incremental" and isinstance(engine, IncrementalInference)
+    method, engine = make_engine(models["lenet"], "lenet", "graphed")
+    assert method == "graphed" and isinstance(engine, GraphedSweep)
+    with pytest.raises(ValueError, match="one of.*graphed.*got 'fast'"):
+        make_engine(models["lenet"], "lenet", "fast")
+
+
+def test_graphed_sweep_reuses_one_recording_for_every_image_and_short_last_batch(models, image):
+    """The static buffers are overwritten per image and per batch: a second image through the same
+    GraphedSweep gives its own maps (equal to a fresh sweep's), and 49 positions in batches of 13
+    (a short last batch padded with repeats) give the batched sweep's numbers."""
+    model = models["alexnet"]
+    engine = GraphedSweep(model, model.get_submodule(get_spec("alexnet").layers["conv5"]))
+    other = torch.randn(1, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(9))
+    first = occlusion_sweep(model, "alexnet", image, 3, 16, 8, 13, method="graphed", engine=engine)
+    second = occlusion_sweep(model, "alexnet", other, 5, 16, 8, 13, method="graphed", engine=engine)
+    assert len(engine._recorded) == 1
+    for picture, label, maps in ((image, 3, first), (other, 5, second)):
+        batched = occlusion_sweep(model, "alexnet", picture, label, 16, 8, 49, method="batched")
+        assert maps.channel == batched.channel
+        assert np.abs(maps.p_true - batched.p_true).max() < 1e-6
+        assert np.allclose(maps.fmap_activation, batched.fmap_activation, rtol=1e-5)
+    assert np.abs(first.p_true - second.p_true).max() > 1e-3  # the second image really differs
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (run on the GPU machine)")
+@pytest.mark.parametrize("name", list(ARCH))
+def test_cuda_graph_sweep_agrees_with_the_fp32_cpu_loop(models, image, name):
+    """The recorded CUDA graph, replayed for two images and a short last batch, against the plain
+    fp32 per-position loop on the CPU (P(true) to 1e-3, the issue's bound), in full float32 as
+    the rule runs it (with torch's default TF32 convolutions resnet50 missed by 2.1e-3 on an H100)."""
+    from convviz.machine import full_precision_float32
+
+    full_precision_float32()
+    spec = get_spec(name)
+    model = models[name]
+    cuda_model = copy.deepcopy(model).cuda()
+    method, engine = make_engine(cuda_model, name, "auto")
+    assert method == "graphed"
+    other = torch.randn(1, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(9))
+    for picture in (other, image):
+        with torch.no_grad():
+            label = int(model(picture).argmax())
+        maps = occlusion_sweep(cuda_model, name, picture.cuda(), label, 16, 8, 13, method=method, engine=engine)
+        top = model.get_submodule(spec.layers[spec.top_conv])
+        p_true, totals, top_class = loop_sweep(model, picture, label, 16, 8, top, maps.channel)
+        assert np.abs(maps.p_true - p_true).max() < 1e-3
+        assert np.allclose(maps.fmap_activation, totals, rtol=1e-3, atol=1e-3 * np.abs(totals).max())
+        assert (maps.top_class == top_class).mean() > 0.95
+    assert engine._recorded and all(r.graph is not None for r in engine._recorded.values())
 
 
 # ------------------------------------------------------------------------------- semantics
