@@ -7,6 +7,9 @@ loading would only dilute the overhead). Goal: mining costs at most 1.15x the pl
     .venv/bin/python benchmarks/mine_overhead.py [--device cpu|cuda] [--models lenet resnet50]
                                                  [--images 2000] [--threads N]
 
+On CUDA mine_top9 runs `convviz.graphed.GraphedMiner` (each batch's forward and mining as one
+recorded CUDA graph): the batchwise measure keeps its recordings from repeat to repeat (recording
+happens once per pass, on the first batch of each size), the whole passes record anew each time.
 Three measurements per model:
   ratio             batch by batch: each batch goes through the plain model and through the
                     LayerMiner that mine_top9 runs, back to back (alternating which goes first);
@@ -38,7 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from convviz.io import write_json  # noqa: E402
 from convviz.models.registry import build_model, resolve_layers  # noqa: E402
 from convviz.machine import busy_machine_threads, device_name  # noqa: E402
-from convviz.topk import LayerMiner, mine_top9  # noqa: E402
+from convviz.topk import make_miner, mine_top9  # noqa: E402
 
 # As in config.yaml's `architecture` section.
 ARCH = {"lenet": {}, "alexnet": {"fc_width": 512}, "zfnet": {"fc_width": 512}, "resnet50": {}}
@@ -97,8 +100,12 @@ def batchwise(model, name, batches, dev, repeats: int) -> tuple[float, float]:
     plain = [[] for _ in batches]
     mine = [[] for _ in batches]
     finish = []
+    miner = make_miner(model, resolve_layers(name, None), k=9, model_name=name, mining_threads=MINING_THREADS, device=dev)
     for r in range(repeats):
-        miner = LayerMiner(model, resolve_layers(name, None), k=9, model_name=name, mining_threads=MINING_THREADS)
+        if r and hasattr(miner, "reset"):
+            miner.reset()  # CUDA: the graphs recorded in the first repeat are kept
+        else:
+            miner = make_miner(model, resolve_layers(name, None), k=9, model_name=name, mining_threads=MINING_THREADS, device=dev)
         for i, (images, ids) in enumerate(batches):
             images, ids = images.to(dev), ids.to(dev)
             runs = [(plain[i], lambda: _plain_batch(model, images)), (mine[i], lambda: _mine_batch(miner, images, ids))]

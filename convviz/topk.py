@@ -380,6 +380,16 @@ class LayerMiner:
         return hook
 
 
+def make_miner(model, layers, k: int = 9, model_name: str | None = None, mining_threads="auto", device="cpu"):
+    """The miner for `device`: on CUDA a `convviz.graphed.GraphedMiner` (each batch's forward and
+    mining recorded as one CUDA graph), elsewhere a LayerMiner. Both give the same tables."""
+    if torch.device(device).type == "cuda":
+        from convviz.graphed import GraphedMiner
+
+        return GraphedMiner(model, layers, k, model_name)
+    return LayerMiner(model, layers, k, model_name, mining_threads)
+
+
 def mine_top9(
     model: nn.Module,
     layers: Sequence[str] | Mapping[str, nn.Module],
@@ -402,11 +412,11 @@ def mine_top9(
     """
     device = torch.device(device)
     started = time.perf_counter()
-    with LayerMiner(model, layers, k, model_name, mining_threads) as miner:
+    with make_miner(model, layers, k, model_name, mining_threads, device) as miner:
         for images, ids in batches:
             miner.feed(images.to(device, non_blocking=True), ids.to(device, non_blocking=True))
     result = miner.result()
     seconds = time.perf_counter() - started
-    threads = "" if miner.threads is None else f", mining on {miner.threads} thread(s)"
+    threads = "" if getattr(miner, "threads", None) is None else f", mining on {miner.threads} thread(s)"
     log(f"mined top-{k} of {len(miner.modules)} layer(s) over {miner.images} images in {seconds:.1f}s{threads}")
     return result

@@ -224,6 +224,73 @@ def test_maxima_read_off_the_following_pool_only_where_its_windows_cover_the_map
     assert_equal_to_brute_force(result["relu"], images.clamp_min(0), ids, 4)
 
 
+@pytest.mark.parametrize("sizes", [[6, 6, 5], [5, 6, 6], [17], [2, 2, 2, 2, 2, 2, 2, 2, 1]])
+def test_graphed_miner_steps_match_brute_force_on_every_layer(sizes):
+    """GraphedMiner's per-batch steps (run eagerly here; on CUDA they are one recorded graph):
+    a short batch padded into the recorded one, a longer batch recording anew, k larger than a
+    batch -- all give the brute-force tables, as LayerMiner does."""
+    from convviz.graphed import GraphedMiner
+
+    model = tiny_net().train()
+    images = torch.rand(17, 3, 14, 14)
+    ids = torch.randperm(17) + 40
+    layers = {"conv1": model[1], "conv2": model[4], "fc": model[7]}
+    with GraphedMiner(model, layers, k=9, graph=False) as miner:
+        for chunk, chunk_ids in batches(images, ids, sizes):
+            miner.feed(chunk, chunk_ids)
+    result = miner.result()
+    assert model.training and miner.images == 17
+    assert len(miner._recordings) == (2 if sizes == [5, 6, 6] else 1)
+    with torch.no_grad():
+        model.eval()
+        conv1, conv2, fc = model[:2](images.clone()), model[:5](images.clone()), model[:8](images.clone())
+    for name, maps in (("conv1", conv1), ("conv2", conv2), ("fc", fc)):
+        assert_equal_to_brute_force(result[name], maps, ids, 9)
+    # reset() empties the tables for a new pass over other images, keeping the recordings.
+    miner.reset()
+    with miner:
+        miner.feed(images[:4], ids[:4] + 100)
+    assert miner.images == 4
+    assert_equal_to_brute_force(miner.result()["conv2"], conv2[:4], ids[:4] + 100, 9)
+
+
+def test_graphed_miner_pads_fewer_images_than_k():
+    from convviz.graphed import GraphedMiner
+
+    model = tiny_net()
+    images, ids = torch.rand(3, 3, 14, 14), torch.tensor([7, 2, 5])
+    with GraphedMiner(model, {"conv2": model[4]}, k=5, graph=False) as miner:
+        miner.feed(images, ids)
+    with torch.no_grad():
+        maps = model[:5](images.clone())
+    assert_equal_to_brute_force(miner.result()["conv2"], maps, ids, 5)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (run on the GPU machine)")
+@pytest.mark.parametrize("name", ["lenet", "alexnet", "resnet50"])
+def test_cuda_graph_mining_equals_the_cpu_miner(name):
+    """mine_top9 on CUDA (GraphedMiner, recorded graphs, a short last batch) against the CPU's
+    LayerMiner on the same model and images: the same images and positions, values to float
+    rounding."""
+    from convviz.graphed import GraphedMiner
+    from convviz.machine import full_precision_float32
+    from convviz.topk import make_miner
+
+    full_precision_float32()
+    torch.manual_seed(0)
+    model = build_model(name, 10, 64, {"fc_width": 64} if name != "lenet" else {}).eval()
+    images, ids = torch.rand(150, 3, 64, 64), torch.arange(150)
+    layers = ["conv1", "fc4"] if name == "lenet" else (["conv2", "conv5", "fc7"] if name == "alexnet" else ["layer1", "layer4", "pool"])
+    cpu = mine_top9(model, layers, batches(images, ids, [64, 64, 22]), model_name=name, log=lambda m: None)
+    cuda_model = model.cuda()
+    assert isinstance(make_miner(cuda_model, layers, model_name=name, device="cuda"), GraphedMiner)
+    gpu = mine_top9(cuda_model, layers, batches(images, ids, [64, 64, 22]), model_name=name, device="cuda", log=lambda m: None)
+    for layer in layers:
+        torch.testing.assert_close(gpu[layer][0], cpu[layer][0], rtol=1e-4, atol=1e-5)
+        agree = (gpu[layer][1] == cpu[layer][1]).float().mean()
+        assert agree > 0.98, f"{layer}: {agree:.3f} of the top images agree"  # near-ties may swap on rounding
+
+
 def test_mine_top9_is_independent_of_batching_and_restores_mode():
     model = tiny_net().train()
     threads = torch.get_num_threads()
