@@ -415,3 +415,23 @@ def test_local_response_norm_is_torchs_bit_for_bit(shape, size):
         x = torch.randn(shape) * scale
         for alpha, beta, k in [(1e-4, 0.75, 2.0), (0.5, 1.5, 1.0)]:
             assert torch.equal(local_response_norm(x, size, alpha, beta, k), F.local_response_norm(x, size, alpha, beta, k))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (run on the GPU machine)")
+@pytest.mark.parametrize("name", list(ARCH))
+def test_cuda_projections_equal_the_cpus(models, images, name):
+    """Every deconvnet on CUDA (in full float32, as the analysis rules run it) against the same
+    projections on the CPU: explicit (plain stacks), graph (resnet50) and general, every layer."""
+    from convviz.machine import full_precision_float32
+
+    full_precision_float32()
+    model, spec = models[name], get_spec(name)
+    cuda_model = copy.deepcopy(model).cuda()
+    methods = ["general", "explicit" if spec.plain else "graph"]
+    for seed, layer in enumerate(spec.layers):
+        units = random_units(layer_acts(model, name, layer, images), 4, seed)
+        for method in methods:
+            cpu = project(model, layer, images, units, method=method, spec=spec)
+            gpu = project(cuda_model, layer, images.cuda(), units, method=method, spec=spec)
+            assert gpu.is_cuda
+            assert_close(gpu.cpu(), cpu, rtol=1e-4)
