@@ -139,7 +139,7 @@ def _unit_index(shape: Sequence[int], units: Units, device) -> tuple[Tensor, ...
     channels = shape[1]
     if len(units.channel) and (units.channel.min() < 0 or units.channel.max() >= channels):
         raise ValueError(f"unit channel out of range for a layer with {channels} channels")
-    channel = units.channel.to(device)
+    channel = to_device(units.channel, device)
     if units.pos is None:
         return (channel,)
     if len(shape) != 4:
@@ -151,7 +151,7 @@ def _unit_index(shape: Sequence[int], units: Units, device) -> tuple[Tensor, ...
     height, width = shape[2:]
     if len(pos) and (pos.min() < 0 or pos[:, 0].max() >= height or pos[:, 1].max() >= width):
         raise ValueError(f"unit position out of range for a {height}x{width} feature map")
-    pos = pos.to(device)
+    pos = to_device(pos, device)
     return (channel, pos[:, 0], pos[:, 1])
 
 
@@ -189,6 +189,13 @@ def resolve_layer(model: nn.Module, layer: str | nn.Module, spec=None) -> nn.Mod
         return model.get_submodule(layer)
     except AttributeError:
         raise ValueError(f"{layer!r} is neither a module path of the model nor a layer name (pass spec=)") from None
+
+
+def to_device(tensor: Tensor, device) -> Tensor:
+    """`tensor` on `device`. Copies from the host do not wait for the GPU: torch's default blocking
+    copy synchronises the stream, i.e. waits for all queued work (from pageable memory the driver
+    stages the data before returning, so the source may change right after)."""
+    return tensor.to(device, non_blocking=tensor.device.type == "cpu")
 
 
 def _chunks(total: int, size: int | None, method: str, images: Tensor) -> Iterator[tuple[int, int]]:
@@ -361,7 +368,7 @@ class GeneralDeconvnet:
         with torch.enable_grad():
             for start, stop in _chunks(len(parsed), chunk_size, "general", images):
                 chunk = parsed.rows(start, stop)
-                x = images[chunk.batch.to(images.device)].detach().requires_grad_(True)
+                x = images[to_device(chunk.batch, images.device)].detach().requires_grad_(True)
                 acts = forward_to(self.model, layer, x)
                 seed = layer_signal(acts.detach(), chunk, signal)
                 (out[start:stop],) = torch.autograd.grad(acts, x, grad_outputs=seed)
@@ -760,7 +767,7 @@ class ExplicitDeconvnet:
         if len(parsed) == 0:
             return images.new_zeros(0, *images.shape[1:])
         used, rows = torch.unique(parsed.batch, return_inverse=True)
-        rows = rows.to(images.device)
+        rows = to_device(rows, images.device)
         self.trace(images[:1])
         stop = self._layer_index(self.resolve(layer))
         pools = [i for i, op in enumerate(self.ops[: stop + 1]) if op.kind == "maxpool"]
@@ -769,10 +776,10 @@ class ExplicitDeconvnet:
         if signal == "one" and parsed.pos is not None:
             # No activation value is needed: the forward stops at the split (the layer's shape
             # and the ops' input shapes come from one image).
-            record = self.forward(images[used.to(images.device)], layer, upto=split) if split >= 0 else None
+            record = self.forward(images[to_device(used, images.device)], layer, upto=split) if split >= 0 else None
             probe = self.forward(images[:1], layer)
         else:
-            record = probe = self.forward(images[used.to(images.device)], layer)
+            record = probe = self.forward(images[to_device(used, images.device)], layer)
         if parsed.pos is None and probe.acts.ndim == 4:  # whole maps: one signal per image
             for start, end in _chunks(len(parsed), chunk_size, "explicit", images):
                 chunk_rows = rows[start:end]
@@ -797,7 +804,7 @@ class ExplicitDeconvnet:
     def _project_windows(self, record, probe, parsed: Units, values: Tensor, rows: Tensor, windows, stop: int, split: int, chunk_size, images) -> Tensor:
         """`project` for single conv units whose receptive field is a small part of the image: the
         same shared top and per-image steps, run on each unit's window (convviz.deconv_window)."""
-        pos = parsed.pos.to(images.device)
+        pos = to_device(parsed.pos, images.device)
         distinct, index = _distinct_keys(parsed, values)
         seed = images.new_zeros(len(distinct), probe.acts.shape[1], 1, 1)
         seed[torch.arange(len(distinct), device=seed.device), distinct[:, 0], 0, 0] = distinct[:, 1].to(seed.dtype)
@@ -836,11 +843,13 @@ class ExplicitDeconvnet:
 
 def _distinct_keys(parsed: Units, values: Tensor) -> tuple[Tensor, Tensor]:
     """The distinct (channel, sign[, y, x]) rows of single units whose projection tops are shared,
-    and which of them each unit has: (distinct [K, 2|4], index [U]), on the values' device."""
-    keys = [parsed.channel.to(values.device), torch.sign(values).long()]
+    and which of them each unit has: (distinct [K, 2|4], index [U]), on the values' device.
+    Found on the host, where the units are: on a GPU `unique` waits for the device several times."""
+    keys = [parsed.channel.cpu(), torch.sign(values).long().cpu()]
     if parsed.pos is not None:
-        keys += [parsed.pos[:, 0].to(values.device), parsed.pos[:, 1].to(values.device)]
-    return torch.unique(torch.stack(keys, 1), dim=0, return_inverse=True)
+        keys += [parsed.pos[:, 0].cpu(), parsed.pos[:, 1].cpu()]
+    distinct, index = torch.unique(torch.stack(keys, 1), dim=0, return_inverse=True)
+    return to_device(distinct, values.device), to_device(index, values.device)
 
 
 @dataclass

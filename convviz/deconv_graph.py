@@ -50,6 +50,7 @@ from convviz.deconv import (
     layer_signal,
     local_response_norm,
     parse_units,
+    to_device,
 )
 from convviz.deconv_window import pair
 from convviz.incremental import is_pointwise_conv, module_node
@@ -422,8 +423,8 @@ class GraphDeconvnet:
 
     def _project(self, images: Tensor, top: fx.Node, parsed, signal: str, chunk_size: int | None, out: Tensor) -> Tensor:
         used, rows = torch.unique(parsed.batch, return_inverse=True)
-        rows = rows.to(images.device)
-        distinct_images = images[used.to(images.device)]
+        rows = to_device(rows, images.device)
+        distinct_images = images[to_device(used, images.device)]
         split = self.split_node(top)
         if signal == "one" and parsed.pos is not None and split is not None:
             # No activation value is needed: the images go forward only to the split (not at all
