@@ -21,6 +21,7 @@ sweep, and a CUDA test checks the graph.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -52,12 +53,16 @@ class GraphedSweep:
     pass of one ResNet-50 image costs the host 4-5 ms of kernel launches, as much as the graph's
     whole batch of 169 occluded images on an H100.
 
-    graph: record a CUDA graph (default: when the model is on a CUDA device). autotune: let cuDNN
-    pick the fastest convolution algorithms while recording.
+    graph: record a CUDA graph (default: when the model is on a CUDA device; a model the graph
+    cannot hold runs each batch eagerly instead, said through `log`). autotune: let cuDNN pick the
+    fastest convolution algorithms while recording.
     """
 
-    def __init__(self, model: nn.Module, top: nn.Module, graph: bool | None = None, autotune: bool = True) -> None:
-        self.model, self.top = model, top
+    def __init__(
+        self, model: nn.Module, top: nn.Module, graph: bool | None = None, autotune: bool = True,
+        log: Callable[[str], None] = print,
+    ) -> None:
+        self.model, self.top, self.log = model, top, log
         self.graph, self.autotune = graph, autotune
         self._recorded: dict[tuple, _Recording] = {}
 
@@ -70,7 +75,7 @@ class GraphedSweep:
         key = (batch, tuple(image.shape), size, image.dtype, image.device, graph)
         recording = self._recorded.get(key)
         if recording is None:
-            recording = self._recorded[key] = _Recording(self.model, self.top, image, batch, size, graph, self.autotune)
+            recording = self._recorded[key] = _Recording(self.model, self.top, image, batch, size, graph, self.autotune, self.log)
         recording.set_image(image, fill, label)
         totals, p_true, top_class, base = [], [], [], None
         for start in range(0, count, batch):
@@ -89,7 +94,8 @@ class _Recording:
     """The static buffers and (on CUDA) the recorded graph of one batch size and image shape."""
 
     def __init__(
-        self, model: nn.Module, top: nn.Module, image: Tensor, batch: int, size: int, graph: bool, autotune: bool = True
+        self, model: nn.Module, top: nn.Module, image: Tensor, batch: int, size: int, graph: bool, autotune: bool = True,
+        log: Callable[[str], None] = print,
     ) -> None:
         device = image.device
         self.model, self.top, self.size, self.batch = model, top, size, batch
@@ -105,7 +111,7 @@ class _Recording:
         if graph:
             with torch.backends.cudnn.flags(enabled=True, benchmark=autotune, deterministic=False,
                                             allow_tf32=torch.backends.cudnn.allow_tf32):
-                self._record()
+                self.graph, self.outputs = record(self._no_grad_body, device, "occlusion", log)
 
     def set_image(self, image: Tensor, fill: Tensor, label: int) -> None:
         self.image.copy_(image)
@@ -141,18 +147,9 @@ class _Recording:
         p_true = probs.gather(1, self.label.expand(len(probs), 1))[:, 0]
         return flat.sum(2).float(), p_true, probs.argmax(1), flat[0].amax(1).float(), probs[0]
 
-    def _record(self) -> None:
-        # Warm up on a side stream first (cuDNN picks and loads its kernels there), as CUDA
-        # graph capture requires; then record one batch.
-        stream = torch.cuda.Stream(self.image.device)
-        stream.wait_stream(torch.cuda.current_stream(self.image.device))
-        with torch.no_grad(), torch.cuda.stream(stream):
-            for _ in range(2):
-                self._body()
-        torch.cuda.current_stream(self.image.device).wait_stream(stream)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.no_grad(), torch.cuda.graph(self.graph):
-            self.outputs = self._body()
+    def _no_grad_body(self) -> tuple[Tensor, ...]:
+        with torch.no_grad():
+            return self._body()
 
 
 class GraphedMiner:
@@ -172,14 +169,17 @@ class GraphedMiner:
     (`topk._rank_key`), one top-k along the rows and one gather of the positions. Keys are
     distinct per channel, so the top k is unique and merging every batch gives LayerMiner's
     tables. A short batch fills the recorded batch's first columns; the rest get the empty key
-    (value -inf, image -1), which no real entry ranks below. Off CUDA the same steps run eagerly
-    (tests).
+    (value -inf, image -1), which no real entry ranks below. Off CUDA, or for a model the graph
+    cannot hold (said through `log`), the same steps run eagerly.
     """
 
-    def __init__(self, model: nn.Module, layers, k: int = 9, model_name: str | None = None, graph: bool | None = None) -> None:
+    def __init__(
+        self, model: nn.Module, layers, k: int = 9, model_name: str | None = None, graph: bool | None = None,
+        log: Callable[[str], None] = print,
+    ) -> None:
         from convviz.topk import _resolve_modules
 
-        self.model, self.k, self.graph = model, k, graph
+        self.model, self.k, self.graph, self.log = model, k, graph, log
         self.modules = _resolve_modules(model, layers, model_name)
         self.rows: dict[str, tuple[int, int]] = {}  # layer -> its channels' rows in the tables
         self.widths: dict[str, int | None] = {}  # layer -> map width (None: fc layer)
@@ -287,17 +287,8 @@ class _MinerRecording:
         self.values = torch.empty(channels, self.batch, device=device)  # this batch's maxima, layer rows
         self.positions = torch.zeros(channels, self.batch, dtype=torch.int64, device=device)  # fc rows stay 0
         self.graph = None
-        if graph:
-            # Warm-up and recording see only invalid columns: they leave the tables as they are.
-            stream = torch.cuda.Stream(device)
-            stream.wait_stream(torch.cuda.current_stream(device))
-            with torch.cuda.stream(stream):
-                for _ in range(2):
-                    self._body()
-            torch.cuda.current_stream(device).wait_stream(stream)
-            self.graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(self.graph):
-                self._body()
+        if graph:  # warm-up and recording see only invalid columns: they leave the tables as they are
+            self.graph = record(self._body, device, "mining", miner.log)[0]
 
     def run(self, images: Tensor, ids: Tensor) -> None:
         count = len(images)
@@ -351,3 +342,37 @@ class _MinerRecording:
         top, keep = keys.topk(miner.k, dim=1)  # sorted, best first
         miner.flat.copy_(torch.cat([miner.flat, self.positions], dim=1).gather(1, keep))
         miner.keys.copy_(top)
+
+
+# ------------------------------------------------------------------------------- recording a graph
+
+
+def record(body: Callable[[], object], device, what: str, log: Callable[[str], None]):
+    """(graph, outputs): `body` recorded as a CUDA graph after two warm-up runs on a side stream
+    (cuDNN picks and loads its kernels there, as capture requires). A model whose forward the
+    graph cannot hold -- one that reads values back to the host, or whose shapes depend on the
+    data -- fails the capture: then (None, None) and a log line, and the caller runs `body`
+    eagerly. Errors of the warm-up runs (real errors of the model) are raised."""
+    _warm_up(body, device)
+    try:
+        return _capture(body, device)
+    except RuntimeError as err:
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        log(f"{what}: the model cannot be recorded as a CUDA graph ({reason}); running each batch eagerly")
+        return None, None
+
+
+def _warm_up(body: Callable[[], object], device) -> None:
+    stream = torch.cuda.Stream(device)
+    stream.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(stream):
+        for _ in range(2):
+            body()
+    torch.cuda.current_stream(device).wait_stream(stream)
+
+
+def _capture(body: Callable[[], object], device):
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        outputs = body()
+    return graph, outputs

@@ -187,7 +187,7 @@ def make_engine(model: nn.Module, model_name: str, method: str, log: Callable[[s
     if method == "batched":
         return "batched", None
     if method == "graphed":
-        return "graphed", GraphedSweep(model, model.get_submodule(spec.layers[spec.top_conv]))
+        return "graphed", GraphedSweep(model, model.get_submodule(spec.layers[spec.top_conv]), log=log)
     reason = IncrementalInference.unsupported(model)
     if reason is not None:
         log(f"occlusion: incremental inference does not apply to {model_name} ({reason}); using whole occluded images")

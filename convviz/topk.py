@@ -380,13 +380,14 @@ class LayerMiner:
         return hook
 
 
-def make_miner(model, layers, k: int = 9, model_name: str | None = None, mining_threads="auto", device="cpu"):
+def make_miner(model, layers, k: int = 9, model_name: str | None = None, mining_threads="auto", device="cpu",
+               log: Callable[[str], None] = print):
     """The miner for `device`: on CUDA a `convviz.graphed.GraphedMiner` (each batch's forward and
     mining recorded as one CUDA graph), elsewhere a LayerMiner. Both give the same tables."""
     if torch.device(device).type == "cuda":
         from convviz.graphed import GraphedMiner
 
-        return GraphedMiner(model, layers, k, model_name)
+        return GraphedMiner(model, layers, k, model_name, log=log)
     return LayerMiner(model, layers, k, model_name, mining_threads)
 
 
@@ -412,7 +413,7 @@ def mine_top9(
     """
     device = torch.device(device)
     started = time.perf_counter()
-    with make_miner(model, layers, k, model_name, mining_threads, device) as miner:
+    with make_miner(model, layers, k, model_name, mining_threads, device, log) as miner:
         for images, ids in batches:
             miner.feed(images.to(device, non_blocking=True), ids.to(device, non_blocking=True))
     result = miner.result()

@@ -336,6 +336,29 @@ def test_graphed_sweep_reuses_one_recording_for_every_image_and_short_last_batch
     assert np.abs(first.p_true - second.p_true).max() > 1e-3  # the second image really differs
 
 
+def test_a_model_the_graph_cannot_hold_runs_eagerly_and_says_so(models, image, monkeypatch):
+    """Where CUDA graph capture fails (a forward that reads values back to the host, say), the
+    sweep logs why and runs each batch eagerly, with the same maps; errors of the warm-up runs
+    (the model's own) are not swallowed. The CUDA calls are stood in for on the CPU."""
+    from convviz import graphed
+
+    def refuse(body, device):
+        raise RuntimeError("operation not permitted when stream is capturing\nmore detail")
+
+    monkeypatch.setattr(graphed, "_warm_up", lambda body, device: [body() for _ in range(2)])
+    monkeypatch.setattr(graphed, "_capture", refuse)
+    model, messages = models["lenet"], []
+    engine = GraphedSweep(model, model.get_submodule(get_spec("lenet").layers["conv2"]), graph=True, log=messages.append)
+    maps = occlusion_sweep(model, "lenet", image, 3, 16, 8, 13, method="graphed", engine=engine)
+    assert messages == ["occlusion: the model cannot be recorded as a CUDA graph (operation not permitted when "
+                        "stream is capturing); running each batch eagerly"]
+    batched = occlusion_sweep(model, "lenet", image, 3, 16, 8, 49, method="batched")
+    assert np.abs(maps.p_true - batched.p_true).max() < 1e-6
+    monkeypatch.setattr(graphed, "_warm_up", lambda body, device: (_ for _ in ()).throw(RuntimeError("shape mismatch")))
+    with pytest.raises(RuntimeError, match="shape mismatch"):
+        occlusion_sweep(model, "lenet", image, 3, 16, 8, 7, method="graphed", engine=engine)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (run on the GPU machine)")
 @pytest.mark.parametrize("name", list(ARCH))
 def test_cuda_graph_sweep_agrees_with_the_fp32_cpu_loop(models, image, name):

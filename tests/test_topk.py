@@ -266,6 +266,26 @@ def test_graphed_miner_pads_fewer_images_than_k():
     assert_equal_to_brute_force(miner.result()["conv2"], maps, ids, 5)
 
 
+def test_graphed_miner_falls_back_to_eager_steps_when_capture_fails(monkeypatch):
+    from convviz import graphed
+
+    def refuse(body, device):
+        raise RuntimeError("operation failed due to a previous error during capture")
+
+    monkeypatch.setattr(graphed, "_warm_up", lambda body, device: [body() for _ in range(2)])
+    monkeypatch.setattr(graphed, "_capture", refuse)
+    model, messages = tiny_net(), []
+    images, ids = torch.rand(17, 3, 14, 14), torch.arange(17)
+    with graphed.GraphedMiner(model, {"conv2": model[4]}, k=9, graph=True, log=messages.append) as miner:
+        for chunk, chunk_ids in batches(images, ids, [6, 6, 5]):
+            miner.feed(chunk, chunk_ids)
+    assert messages == ["mining: the model cannot be recorded as a CUDA graph (operation failed due to a previous "
+                        "error during capture); running each batch eagerly"]
+    with torch.no_grad():
+        maps = model[:5](images.clone())
+    assert_equal_to_brute_force(miner.result()["conv2"], maps, ids, 9)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (run on the GPU machine)")
 @pytest.mark.parametrize("name", ["lenet", "alexnet", "resnet50"])
 def test_cuda_graph_mining_equals_the_cpu_miner(name):
