@@ -2,7 +2,7 @@
 
 On a GPU the 64-px models of this suite are bound by kernel launches, not arithmetic: a forward
 pass of 169 occluded images is a few hundred launches of microsecond kernels, each costing the
-host more than the GPU (an eager ResNet-50 forward pass takes the host 4-5 ms). `GraphedSweep`
+host more than the GPU. `GraphedSweep`
 records everything one occlusion batch needs -- building the occluded images from the occluder
 corners, the forward pass (with the unoccluded image as an extra row), every top-conv channel's
 total activation, P(true) and the most probable class -- once per model and batch size as a
@@ -15,8 +15,8 @@ While recording, cuDNN measures its convolution algorithms for these shapes and 
 fastest (`torch.backends.cudnn.benchmark`, for the recording only): the graph then replays those
 kernels. Precision is untouched (TF32 stays as the process set it; the analysis rules turn it off).
 
-Off CUDA the same steps run eagerly (no graph): tests check them on the CPU against the batched
-sweep, and a CUDA test checks the graph.
+Off CUDA, and for a model whose forward a graph cannot hold (`record`), the same steps run
+eagerly: tests check them on the CPU against the eager code, and CUDA tests check the graphs.
 """
 
 from __future__ import annotations
