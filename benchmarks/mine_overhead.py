@@ -100,9 +100,9 @@ def batchwise(model, name, batches, dev, repeats: int) -> tuple[float, float]:
     plain = [[] for _ in batches]
     mine = [[] for _ in batches]
     finish = []
-    miner = make_miner(model, resolve_layers(name, None), k=9, model_name=name, mining_threads=MINING_THREADS, device=dev)
+    miner = None
     for r in range(repeats):
-        if r and hasattr(miner, "reset"):
+        if hasattr(miner, "reset"):
             miner.reset()  # CUDA: the graphs recorded in the first repeat are kept
         else:
             miner = make_miner(model, resolve_layers(name, None), k=9, model_name=name, mining_threads=MINING_THREADS, device=dev)

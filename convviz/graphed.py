@@ -2,11 +2,10 @@
 
 On a GPU the 64-px models of this suite are bound by kernel launches, not arithmetic: a forward
 pass of 169 occluded images is a few hundred launches of microsecond kernels, each costing the
-host more than the GPU. `GraphedSweep`
-records everything one occlusion batch needs -- building the occluded images from the occluder
-corners, the forward pass (with the unoccluded image as an extra row), every top-conv channel's
-total activation, P(true) and the most probable class -- once per model and batch size as a
-CUDA graph, and replays it for every batch of every image. `GraphedMiner` does the same for
+host more than the GPU. `GraphedSweep` records everything one occlusion batch needs -- building
+the occluded images from the occluder corners, the forward pass (with the unoccluded image as an
+extra row), every top-conv channel's total activation, P(true) and the most probable class --
+once per model and batch size as a CUDA graph, and replays it for every batch of every image. `GraphedMiner` does the same for
 each batch of `convviz.topk`'s mining pass. Inputs live in static buffers that each batch
 overwrites, so one graph serves every image. The arithmetic is the eager code's (same kernels,
 whole images, full precision), so results match up to the kernels' own rounding.
@@ -26,6 +25,17 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
+
+from convviz.topk import (
+    _rank_key,
+    _resolve_modules,
+    _unpack_key,
+    check_all_fired,
+    empty_keys,
+    index_bits,
+    mark_fired,
+    table_positions,
+)
 
 
 @dataclass
@@ -177,8 +187,6 @@ class GraphedMiner:
         self, model: nn.Module, layers, k: int = 9, model_name: str | None = None, graph: bool | None = None,
         log: Callable[[str], None] = print,
     ) -> None:
-        from convviz.topk import _resolve_modules
-
         self.model, self.k, self.graph, self.log = model, k, graph, log
         self.modules = _resolve_modules(model, layers, model_name)
         self.rows: dict[str, tuple[int, int]] = {}  # layer -> its channels' rows in the tables
@@ -214,14 +222,12 @@ class GraphedMiner:
     def reset(self) -> None:
         """Empty the tables for a new pass, keeping the recorded graphs (they update the tables in place)."""
         if self.keys is not None:
-            self.keys.copy_(_empty_keys(self.keys.shape, self.keys.device))
+            self.keys.copy_(empty_keys(self.keys.shape, self.keys.device))
             self.flat.zero_()
         self.images = 0
 
     def result(self) -> dict:
         """{layer: (values [C, k] float32, image_index [C, k], y [C, k], x [C, k])} on the CPU."""
-        from convviz.topk import _unpack_key
-
         if self.keys is None:
             raise ValueError("no batches were mined")
         keys, flat = self.keys.cpu(), self.flat.cpu()
@@ -229,13 +235,7 @@ class GraphedMiner:
         for name in self.modules:
             start, stop = self.rows[name]
             values, index = _unpack_key(keys[start:stop])
-            empty, width = index < 0, self.widths[name]
-            if width is None:
-                y = x = torch.where(empty, -1, 0)
-            else:
-                position = flat[start:stop]
-                y, x = torch.where(empty, -1, position // width), torch.where(empty, -1, position % width)
-            out[name] = (values, index, y, x)
+            out[name] = (values, index, *table_positions(flat[start:stop], self.widths[name], index < 0))
         return out
 
     def _lay_out(self, image: Tensor) -> None:
@@ -255,23 +255,15 @@ class GraphedMiner:
         finally:
             for handle in handles:
                 handle.remove()
+        check_all_fired(self.modules, set(shapes))
         start = 0
         for name in self.modules:
-            if name not in shapes:
-                raise RuntimeError(f"layer {name!r} produced no output in the forward pass")
             shape = shapes[name]
             self.rows[name] = (start, start + shape[1])
             self.widths[name] = shape[-1] if len(shape) == 4 else None
             start += shape[1]
-        self.keys = _empty_keys((start, self.k), image.device)
+        self.keys = empty_keys((start, self.k), image.device)
         self.flat = torch.zeros((start, self.k), dtype=torch.int64, device=image.device)
-
-
-def _empty_keys(shape: tuple[int, int], device) -> Tensor:
-    """Keys of empty slots (value -inf, image -1): below every real entry."""
-    from convviz.topk import _rank_key, index_bits
-
-    return _rank_key(torch.full(shape, float("-inf"), device=device), index_bits(torch.full((shape[0],), -1, device=device)))
 
 
 class _MinerRecording:
@@ -304,18 +296,14 @@ class _MinerRecording:
             self.graph.replay()
 
     def _body(self) -> None:
-        from convviz.topk import _rank_key, index_bits
-
-        miner, fired = self.miner, []
+        miner, fired = self.miner, set()
 
         def hook(name):
             start, stop = miner.rows[name]
             values, positions = self.values[start:stop].t(), self.positions[start:stop].t()  # [B, C] views
 
             def on_output(module, args, output):
-                if name in fired:
-                    raise RuntimeError(f"layer {name!r}: its module ran twice in one forward pass; hook one that runs once")
-                fired.append(name)
+                mark_fired(fired, name)
                 if output.dim() == 2:
                     values.copy_(output)
                 elif output.dtype == values.dtype:  # the first maximal position, as LayerMiner's
@@ -334,9 +322,7 @@ class _MinerRecording:
         finally:
             for handle in handles:
                 handle.remove()
-        if len(fired) != len(miner.modules):
-            missing = [name for name in miner.modules if name not in fired]
-            raise RuntimeError(f"layer(s) {missing} produced no output in the forward pass")
+        check_all_fired(miner.modules, fired)
         self.values.masked_fill_(self.invalid, float("-inf"))
         keys = torch.cat([miner.keys, _rank_key(self.values, index_bits(self.ids).t())], dim=1)
         top, keep = keys.topk(miner.k, dim=1)  # sorted, best first

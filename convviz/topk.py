@@ -110,14 +110,7 @@ class TopKImages:
         with cpu_threads(self._keys.device, self.threads):
             self._merge()
         values, index = _unpack_key(self._keys[: self.k].t().cpu())
-        empty = index < 0
-        if self.width is None:  # fc layer (or nothing seen): one position, 0
-            y = x = torch.where(empty, -1, 0)
-        else:
-            flat = self._flat[: self.k].t().cpu()
-            y = torch.where(empty, -1, flat // self.width)
-            x = torch.where(empty, -1, flat % self.width)
-        return values, index, y, x
+        return (values, index, *table_positions(self._flat[: self.k].t().cpu(), self.width, index < 0))
 
     def state_numel(self) -> int:
         """Number of elements held: table plus buffer (fixed; never grows with the data)."""
@@ -141,8 +134,7 @@ class TopKImages:
     def _allocate(self, device: torch.device, batch: int) -> None:
         """(Re)create the state on `device`, the buffer at least `batch` wide, keeping the table."""
         if self._keys is None:
-            # Empty slots: value -inf, image -1, below any real entry.
-            table = _rank_key(torch.full((self.k, self.channels), float("-inf")), index_bits(torch.full((self.k,), -1)))
+            table = empty_keys((self.k, self.channels))
             table_flat = torch.zeros((self.k, self.channels), dtype=torch.int64)
         else:
             self._merge()
@@ -180,6 +172,33 @@ class TopKImages:
 _INDEX_BASE = 2**32 - 2
 _LOW_BITS = 2**32 - 1
 _MAGNITUDE_BITS = 0x7FFFFFFF
+
+
+def empty_keys(shape: tuple[int, int], device="cpu") -> Tensor:
+    """Keys of empty table slots [k, C] (value -inf, image -1): below every real entry."""
+    return _rank_key(torch.full(shape, float("-inf"), device=device), index_bits(torch.full((shape[0],), -1, device=device)))
+
+
+def table_positions(flat: Tensor, width: int | None, empty: Tensor) -> tuple[Tensor, Tensor]:
+    """(y, x) of a table's flat map positions; -1 in empty slots, 0 for fc layers (width None)."""
+    if width is None:  # fc layer (or nothing seen): one position, 0
+        y = x = torch.where(empty, -1, 0)
+        return y, x
+    return torch.where(empty, -1, flat // width), torch.where(empty, -1, flat % width)
+
+
+def mark_fired(fired: set[str], name: str) -> None:
+    """Note that layer `name`'s module ran in this forward pass; a second run is an error."""
+    if name in fired:
+        # Feeding the same images twice would break distinctness (module doc).
+        raise RuntimeError(f"layer {name!r}: its module ran twice in one forward pass; hook one that runs once")
+    fired.add(name)
+
+
+def check_all_fired(modules: Mapping[str, nn.Module], fired: set[str]) -> None:
+    if len(fired) != len(modules):
+        missing = [name for name in modules if name not in fired]
+        raise RuntimeError(f"layer(s) {missing} produced no output in the forward pass")
 
 
 def index_bits(index: Tensor) -> Tensor:
@@ -336,9 +355,7 @@ class LayerMiner:
             for name, held in self._held.items():  # the pool did not run on it: reduce it here
                 self._add(name, held)
         self._held = {}
-        if len(self._fired) != len(self.modules):
-            missing = [name for name in self.modules if name not in self._fired]
-            raise RuntimeError(f"layer(s) {missing} produced no output in the forward pass")
+        check_all_fired(self.modules, self._fired)
         self.images += len(image_ids)
 
     def result(self) -> dict[str, TopKResult]:
@@ -354,10 +371,7 @@ class LayerMiner:
 
     def _hook(self, name: str):
         def hook(_module, _inputs, output):
-            if name in self._fired:
-                # Feeding the same images twice would break distinctness (module doc).
-                raise RuntimeError(f"layer {name!r}: its module ran twice in one forward pass; hook one that runs once")
-            self._fired.add(name)
+            mark_fired(self._fired, name)
             if name in self.pools and output.dim() == 4:
                 self._held[name] = output  # reduced when the pool after it has run
             else:
