@@ -787,12 +787,13 @@ class ExplicitDeconvnet:
                 out[start:end] = self.backward(record, seed, chunk_rows)
             return out
         where = _unit_index(probe.acts.shape, parsed, images.device)
-        values = record.acts[(rows,) + where] if signal == "activation" else torch.ones(len(parsed), device=images.device)
+        # With signal "one" the values (all 1) stay on the host, where their signs are read.
+        values = record.acts[(rows,) + where] if signal == "activation" else torch.ones(len(parsed))
         windows = deconv_window.levels(self.ops, stop, images.shape[-2:]) if parsed.pos is not None else None
         if windows is not None:
             return self._project_windows(record, probe, parsed, values, rows, windows, stop, split, chunk_size, images)
         top = self._shared_top(parsed, values, probe.acts.shape, probe.in_shapes, stop, split, chunk_size, images)
-        scale = values.abs()
+        scale = to_device(values.abs(), images.device)
         for start, end in _chunks(len(parsed), chunk_size, "explicit", images):
             seed = top.signals[top.index[start:end]] * scale[start:end].view(-1, *[1] * (top.signals.ndim - 1))
             if split < 0:
@@ -805,12 +806,12 @@ class ExplicitDeconvnet:
         """`project` for single conv units whose receptive field is a small part of the image: the
         same shared top and per-image steps, run on each unit's window (convviz.deconv_window)."""
         pos = to_device(parsed.pos, images.device)
-        distinct, index = _distinct_keys(parsed, values)
+        distinct, index = _distinct_keys(parsed, values, images.device)
         seed = images.new_zeros(len(distinct), probe.acts.shape[1], 1, 1)
         seed[torch.arange(len(distinct), device=seed.device), distinct[:, 0], 0, 0] = distinct[:, 1].to(seed.dtype)
         with torch.no_grad():
             tops = deconv_window.backward(self.ops, windows, seed, distinct[:, 2:], stop, split + 1, probe.in_shapes)
-        scale = values.abs()
+        scale = to_device(values.abs(), images.device)
         out = images.new_zeros(len(parsed), *images.shape[1:])
         for start, end in _chunks(len(parsed), chunk_size, "explicit", images):
             signal = tops[index[start:end]] * scale[start:end].view(-1, 1, 1, 1)
@@ -827,7 +828,7 @@ class ExplicitDeconvnet:
         the output of op `split` (to pixels when split is -1), and which of them each unit uses.
 
         shapes: each op's input shape (no batch dim) from a forward pass to the layer."""
-        distinct, index = _distinct_keys(parsed, values)
+        distinct, index = _distinct_keys(parsed, values, images.device)
         tops = []
         for start, end in _chunks(len(distinct), chunk_size, "explicit", images):
             key = distinct[start:end]
@@ -841,15 +842,16 @@ class ExplicitDeconvnet:
         return _SharedTop(torch.cat(tops), index)
 
 
-def _distinct_keys(parsed: Units, values: Tensor) -> tuple[Tensor, Tensor]:
+def _distinct_keys(parsed: Units, values: Tensor, device) -> tuple[Tensor, Tensor]:
     """The distinct (channel, sign[, y, x]) rows of single units whose projection tops are shared,
-    and which of them each unit has: (distinct [K, 2|4], index [U]), on the values' device.
-    Found on the host, where the units are: on a GPU `unique` waits for the device several times."""
+    and which of them each unit has: (distinct [K, 2|4], index [U]), on `device`. Found on the
+    host, where the units are: on a GPU `unique` waits for the device several times. Values on a
+    GPU are read once, for their signs; with signal "one" the caller keeps them on the host."""
     keys = [parsed.channel.cpu(), torch.sign(values).long().cpu()]
     if parsed.pos is not None:
         keys += [parsed.pos[:, 0].cpu(), parsed.pos[:, 1].cpu()]
     distinct, index = torch.unique(torch.stack(keys, 1), dim=0, return_inverse=True)
-    return to_device(distinct, values.device), to_device(index, values.device)
+    return to_device(distinct, device), to_device(index, device)
 
 
 @dataclass

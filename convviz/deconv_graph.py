@@ -440,7 +440,7 @@ class GraphDeconvnet:
             return out
         where = _unit_index(probe.value.shape, parsed, images.device)
         if signal == "one":
-            values = torch.ones(len(parsed), device=images.device)
+            values = torch.ones(len(parsed))  # on the host, where their signs are read
         else:
             values = record.value[(rows,) + where]
         if split is None:  # no image-free part: every unit the whole way down
@@ -449,7 +449,7 @@ class GraphDeconvnet:
                 out[start:end] = self.backward(top, seed, record, rows[start:end])
             return out
         # The top, once per distinct (channel, sign[, position]), from a +-1 at the unit.
-        distinct, index = _distinct_keys(parsed, values)
+        distinct, index = _distinct_keys(parsed, values, images.device)
         tops = []
         for start, end in _chunks(len(distinct), chunk_size, "graph", images):
             key = distinct[start:end]
@@ -458,7 +458,7 @@ class GraphDeconvnet:
             seed[at] = key[:, 1].to(seed.dtype)
             tops.append(self.backward(top, seed, probe, None, until=split))
         tops = torch.cat(tops)
-        scale = values.abs()
+        scale = to_device(values.abs(), images.device)
         for start, end in _chunks(len(parsed), chunk_size, "graph", images):
             seed = tops[index[start:end]] * scale[start:end].view(-1, *[1] * (tops.ndim - 1))
             if split is self.input:
