@@ -20,11 +20,15 @@ eagerly: tests check them on the CPU against the eager code, and CUDA tests chec
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import copy
+from collections import Counter
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import torch
+import torch.fx as fx
 from torch import Tensor, nn
+from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from convviz.topk import (
     _rank_key,
@@ -52,6 +56,56 @@ class SweepValues:
     base_probs: Tensor
 
 
+def batchnorm_folded(model: nn.Module, keep: Iterable[nn.Module] = ()) -> nn.Module:
+    """A copy of `model` in which every eval-mode BatchNorm2d that directly follows a Conv2d (its
+    only reader) is folded into that convolution and replaced by an Identity, or `model` itself
+    when there is none (or torch.fx cannot trace it). Exact algebra, up to rounding: on an H100,
+    BatchNorm's own kernels were 32% of ResNet-50's batched forward at 64 px.
+
+    The module tree keeps its paths, so hooks go on the copy's modules of the same names; a
+    BatchNorm's Identity outputs what the BatchNorm did. Convolutions in `keep` (watched by a hook
+    that needs their own output) are left as they are.
+    """
+    try:
+        graph = fx.symbolic_trace(model).graph
+    except Exception:  # noqa: BLE001 -- any model fx cannot trace simply stays unfolded
+        return model
+    modules = dict(model.named_modules())
+    kept = {id(module) for module in keep}
+    calls = Counter(node.target for node in graph.nodes if node.op == "call_module")
+    pairs = []
+    for node in graph.nodes:
+        if node.op != "call_module" or not isinstance(modules[node.target], nn.BatchNorm2d) or len(node.args) != 1:
+            continue
+        source, bn = node.args[0], modules[node.target]
+        if not (isinstance(source, fx.Node) and source.op == "call_module"):
+            continue
+        conv = modules[source.target]
+        if (
+            type(conv) is nn.Conv2d
+            and len(source.users) == 1
+            and calls[source.target] == 1
+            and calls[node.target] == 1
+            and id(conv) not in kept
+            and not bn.training
+            and bn.track_running_stats
+        ):
+            pairs.append((source.target, node.target))
+    if not pairs:
+        return model
+    folded = copy.deepcopy(model)
+    for conv_path, bn_path in pairs:
+        fused = fuse_conv_bn_eval(folded.get_submodule(conv_path), folded.get_submodule(bn_path))
+        _replace(folded, conv_path, fused)
+        _replace(folded, bn_path, nn.Identity())
+    return folded
+
+
+def _replace(model: nn.Module, path: str, module: nn.Module) -> None:
+    parent, _, name = path.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, name, module)
+
+
 class GraphedSweep:
     """Occlusion sweeps of `model` watching module `top` (the top conv layer), batch by batch.
 
@@ -63,6 +117,9 @@ class GraphedSweep:
     pass of one ResNet-50 image costs the host 4-5 ms of kernel launches, as much as the graph's
     whole batch of 169 occluded images on an H100.
 
+    The sweep runs a copy of the model with its BatchNorms folded into the convolutions before
+    them (`batchnorm_folded`); `top` is watched in the copy under its path in `model`.
+
     graph: record a CUDA graph (default: when the model is on a CUDA device; a model the graph
     cannot hold runs each batch eagerly instead, said through `log`). autotune: let cuDNN pick the
     fastest convolution algorithms while recording.
@@ -72,7 +129,11 @@ class GraphedSweep:
         self, model: nn.Module, top: nn.Module, graph: bool | None = None, autotune: bool = True,
         log: Callable[[str], None] = print,
     ) -> None:
-        self.model, self.top, self.log = model, top, log
+        path = next((name for name, module in model.named_modules() if module is top), None)
+        if path is None:
+            raise ValueError("the watched module `top` is not a module of the model")
+        self.model = batchnorm_folded(model, keep=[top])
+        self.top, self.log = self.model.get_submodule(path), log
         self.graph, self.autotune = graph, autotune
         self._recorded: dict[tuple, _Recording] = {}
 

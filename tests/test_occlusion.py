@@ -12,7 +12,7 @@ from torch import nn
 
 from convviz.config import ConfigError, validate_config
 from convviz.deconv import forward_to
-from convviz.graphed import GraphedSweep
+from convviz.graphed import GraphedSweep, batchnorm_folded
 from convviz.incremental import IncrementalInference, Patched, materialise, total_per_channel
 from convviz.models import build_model, get_spec
 from convviz.models.checkpoint import save_checkpoint
@@ -316,6 +316,66 @@ def test_auto_is_incremental_off_cuda_and_unknown_methods_are_refused(models):
     assert method == "graphed" and isinstance(engine, GraphedSweep)
     with pytest.raises(ValueError, match="one of.*graphed.*got 'fast'"):
         make_engine(models["lenet"], "lenet", "fast")
+
+
+class ConvBranches(nn.Module):
+    """A conv -> BatchNorm pair to fold, a conv whose output also feeds a residual sum and a
+    BatchNorm after a ReLU (neither may be folded)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.bn_a = nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8)
+        self.b, self.bn_b = nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8)
+        self.bn_relu = nn.BatchNorm2d(8)
+        self.head = nn.Linear(8, 4)
+
+    def forward(self, x):
+        h = self.bn_a(self.a(x))
+        b = self.b(h)
+        return self.head(self.bn_relu(torch.relu(self.bn_b(b) + b)).mean((2, 3)))
+
+
+def _batchnorms(model: nn.Module) -> list[str]:
+    return [name for name, m in model.named_modules() if isinstance(m, nn.BatchNorm2d)]
+
+
+def test_batchnorm_folding_gives_the_same_outputs_from_a_copy(models, image):
+    """What the graphed sweep runs: every conv -> BatchNorm pair of ResNet-50 folded (53), the
+    original model untouched, the same logits up to rounding; a watched conv keeps its BatchNorm."""
+    model = models["resnet50"]
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    folded = batchnorm_folded(model)
+    assert folded is not model and _batchnorms(folded) == [] and len(_batchnorms(model)) == 53
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+    batch = torch.cat([image, torch.randn(3, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(4))])
+    with torch.no_grad():
+        expected, got = model(batch), folded(batch)
+    assert torch.allclose(got, expected, rtol=1e-4, atol=1e-5 * float(expected.abs().max()))
+    assert _batchnorms(batchnorm_folded(model, keep=[model.conv1])) == ["bn1"]
+
+    torch.manual_seed(0)
+    toy = sharpen(ConvBranches().eval(), image)
+    folded = batchnorm_folded(toy)
+    assert _batchnorms(folded) == ["bn_b", "bn_relu"]
+    with torch.no_grad():
+        assert torch.allclose(folded(image), toy(image), rtol=1e-5, atol=1e-6)
+    assert batchnorm_folded(toy.train()) is toy  # training-mode BatchNorm: nothing to fold
+
+
+def test_the_graphed_sweep_runs_the_folded_copy_with_the_plain_model_s_results(models, image):
+    model = models["resnet50"]
+    top = model.get_submodule(get_spec("resnet50").layers[get_spec("resnet50").top_conv])
+    engine = GraphedSweep(model, top)
+    assert _batchnorms(engine.model) == [] and engine.top is engine.model.get_submodule("layer4")
+    with torch.no_grad():
+        label = int(model(image).argmax())
+    graphed = occlusion_sweep(model, "resnet50", image, label, 16, 8, 13, method="graphed", engine=engine)
+    plain = occlusion_sweep(model, "resnet50", image, label, 16, 8, 13, method="batched")
+    assert graphed.channel == plain.channel
+    assert np.abs(graphed.p_true - plain.p_true).max() < 1e-5
+    assert np.allclose(graphed.fmap_activation, plain.fmap_activation, rtol=1e-4, atol=1e-5 * np.abs(plain.fmap_activation).max())
+    with pytest.raises(ValueError, match="not a module of the model"):
+        GraphedSweep(model, nn.ReLU())
 
 
 def test_graphed_sweep_reuses_one_recording_for_every_image_and_short_last_batch(models, image):
