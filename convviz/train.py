@@ -86,7 +86,7 @@ def topk_hits(logits: torch.Tensor, labels: torch.Tensor, k: int) -> torch.Tenso
 class _Tally:
     """Loss and top-1/top-5 counts summed over batches on the device, read only when reported:
     reading a GPU value after every batch stops the host from queueing the next batch's work
-    (five such waits per step made the H100 training loop 26-46% slower than the bare step).
+    (with about five such waits per step the loop ran 26-46% slower than a bare step on an H100).
     The first non-finite loss is kept too, with its batch, so the error can name it."""
 
     def __init__(self, device: torch.device) -> None:
