@@ -21,7 +21,6 @@ eagerly: tests check them on the CPU against the eager code, and CUDA tests chec
 from __future__ import annotations
 
 import copy
-from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
@@ -30,6 +29,7 @@ import torch.fx as fx
 from torch import Tensor, nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
+from convviz.incremental import conv_batchnorm_pairs
 from convviz.topk import (
     _rank_key,
     _resolve_modules,
@@ -72,38 +72,15 @@ def batchnorm_folded(model: nn.Module, keep: Iterable[nn.Module] = ()) -> nn.Mod
         return model
     modules = dict(model.named_modules())
     kept = {id(module) for module in keep}
-    calls = Counter(node.target for node in graph.nodes if node.op == "call_module")
-    pairs = []
-    for node in graph.nodes:
-        if node.op != "call_module" or not isinstance(modules[node.target], nn.BatchNorm2d) or len(node.args) != 1:
-            continue
-        source, bn = node.args[0], modules[node.target]
-        if not (isinstance(source, fx.Node) and source.op == "call_module"):
-            continue
-        conv = modules[source.target]
-        if (
-            type(conv) is nn.Conv2d
-            and len(source.users) == 1
-            and calls[source.target] == 1
-            and calls[node.target] == 1
-            and id(conv) not in kept
-            and not bn.training
-            and bn.track_running_stats
-        ):
-            pairs.append((source.target, node.target))
+    pairs = [(conv.target, bn.target) for conv, bn in conv_batchnorm_pairs(graph, modules) if id(modules[conv.target]) not in kept]
     if not pairs:
         return model
     folded = copy.deepcopy(model)
     for conv_path, bn_path in pairs:
         fused = fuse_conv_bn_eval(folded.get_submodule(conv_path), folded.get_submodule(bn_path))
-        _replace(folded, conv_path, fused)
-        _replace(folded, bn_path, nn.Identity())
+        folded.set_submodule(conv_path, fused)
+        folded.set_submodule(bn_path, nn.Identity())
     return folded
-
-
-def _replace(model: nn.Module, path: str, module: nn.Module) -> None:
-    parent, _, name = path.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, name, module)
 
 
 class GraphedSweep:

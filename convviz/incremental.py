@@ -45,6 +45,7 @@ import copy
 import functools
 import itertools
 import operator
+from collections import Counter
 from dataclasses import dataclass
 from typing import Mapping
 
@@ -288,26 +289,42 @@ def module_node(gm: fx.GraphModule, path: str) -> fx.Node:
     return found
 
 
-def _fold_batchnorm(gm: fx.GraphModule, keep: set[fx.Node]) -> dict[fx.Node, fx.Node]:
-    """Fold each eval-mode BatchNorm2d into the Conv2d feeding it (exact algebra, one op less).
+def conv_batchnorm_pairs(graph: fx.Graph, modules: Mapping[str, nn.Module]) -> list[tuple[fx.Node, fx.Node]]:
+    """(conv node, BatchNorm node) of every eval-mode BatchNorm2d whose input is a Conv2d's output
+    that nothing else reads, each module called once: the pairs whose BatchNorm can be folded
+    into the convolution (exact algebra, up to rounding). modules: the traced model's, by path."""
+    calls = Counter(node.target for node in graph.nodes if node.op == "call_module")
+    pairs = []
+    for node in graph.nodes:
+        if node.op != "call_module" or not isinstance(modules[node.target], nn.BatchNorm2d) or len(node.args) != 1:
+            continue
+        source, bn = node.args[0], modules[node.target]
+        if not (isinstance(source, fx.Node) and source.op == "call_module"):
+            continue
+        if (
+            type(modules[source.target]) is nn.Conv2d
+            and len(source.users) == 1
+            and calls[source.target] == 1
+            and calls[node.target] == 1
+            and not bn.training
+            and bn.track_running_stats
+        ):
+            pairs.append((source, node))
+    return pairs
 
-    Nodes in `keep` are not removed; returns {removed bn node: the conv node now holding its value}.
+
+def _fold_batchnorm(gm: fx.GraphModule, keep: set[fx.Node]) -> dict[fx.Node, fx.Node]:
+    """Fold each eval-mode BatchNorm2d into the Conv2d feeding it (`conv_batchnorm_pairs`; one op less).
+
+    Conv nodes in `keep` are left; returns {removed bn node: the conv node now holding its value}.
     """
     modules = dict(gm.named_modules())
     moved = {}
-    for node in list(gm.graph.nodes):
-        if node.op != "call_module" or not isinstance(modules[node.target], nn.BatchNorm2d):
+    for source, node in conv_batchnorm_pairs(gm.graph, modules):
+        if source in keep:
             continue
-        source = node.args[0]
-        if not (isinstance(source, fx.Node) and source.op == "call_module") or source in keep:
-            continue
-        conv = modules[source.target]
-        bn = modules[node.target]
-        if not isinstance(conv, nn.Conv2d) or len(source.users) != 1 or bn.training or not bn.track_running_stats:
-            continue
-        fused = fuse_conv_bn_eval(conv, bn)
-        parent, _, name = source.target.rpartition(".")
-        setattr(gm.get_submodule(parent) if parent else gm, name, fused)
+        fused = fuse_conv_bn_eval(modules[source.target], modules[node.target])
+        gm.set_submodule(source.target, fused)
         modules[source.target] = fused
         node.replace_all_uses_with(source)
         gm.graph.erase_node(node)
@@ -430,8 +447,7 @@ def _fold_upsampling_pool(gm: fx.GraphModule, keep: set[fx.Node]) -> int:
             if fc.bias is not None:
                 merged.bias.copy_(fc.bias)
         merged.requires_grad_(False)
-        parent, _, name = linear.target.rpartition(".")
-        setattr(gm.get_submodule(parent) if parent else gm, name, merged)
+        gm.set_submodule(linear.target, merged)
         modules[linear.target] = merged
         pool_node.replace_all_uses_with(pool_node.args[0])
         gm.graph.erase_node(pool_node)
@@ -569,8 +585,7 @@ def _small_map_convs(gm: fx.GraphModule, max_positions: int = 9) -> int:
         if isinstance(conv.padding, str) or out_shape[-2] * out_shape[-1] > max_positions or not any(pair(conv.padding)):
             continue
         small = SmallMapConv(conv, tuple(in_shape[-2:]), tuple(out_shape[-2:]))
-        parent, _, name = node.target.rpartition(".")
-        setattr(gm.get_submodule(parent) if parent else gm, name, small)
+        gm.set_submodule(node.target, small)
         replaced += 1
     gm.recompile()
     return replaced
