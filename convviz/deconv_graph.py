@@ -64,6 +64,10 @@ _KNOWN_MODULES = (
 )
 
 
+def _contiguous(value):
+    return value.contiguous() if isinstance(value, Tensor) else value
+
+
 def _bias_free_copy(conv: nn.Conv2d) -> nn.Conv2d:
     """A Conv2d with `conv`'s geometry and no bias (weights to be set by the caller)."""
     copy = nn.Conv2d(
@@ -207,7 +211,7 @@ class GraphDeconvnet:
                 for arg in node.all_input_nodes:
                     if last_use.get(arg) is node and arg is not stop:
                         values.pop(arg, None)
-        return _Record(shapes, switches, values[stop])
+        return _Record(shapes, switches, _contiguous(values[stop]))
 
     def _forward_node(self, node: fx.Node, values: dict, switches: dict) -> object:
         args = fx.node.map_arg(node.args, lambda n: values[n])
@@ -232,7 +236,10 @@ class GraphDeconvnet:
                 return local_response_norm(x, m.size, m.alpha, m.beta, m.k)
             if isinstance(m, (nn.Dropout, nn.Identity)):
                 return x
-            return m(x)  # pools, Linear, Flatten
+            return m(_contiguous(x))  # pools, Linear, Flatten
+        # A channels-last map (from _conv_forward) is made contiguous for any other step, whose
+        # rounding could depend on the layout; the steps above give the same values in either.
+        args, kwargs = fx.node.map_aggregate((args, kwargs), _contiguous)
         if node.op == "call_function":
             return node.target(*args, **kwargs)
         return getattr(args[0], node.target)(*args[1:], **kwargs)  # call_method

@@ -326,6 +326,17 @@ def test_explicit_backward_leaves_the_callers_signal_untouched(models, images):
     assert torch.equal(signal, before) and out.abs().max() > 0
 
 
+def test_explicit_forward_leaves_the_callers_images_untouched():
+    """The forward rectifies its own intermediates in place, never the images, even where a ReLU
+    (behind a dropout that passes them on) is the stack's first step."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Dropout(0.5), nn.ReLU(), nn.Conv2d(3, 4, 3), nn.ReLU(), nn.MaxPool2d(2)).eval()
+    images = torch.randn(2, 3, 8, 8)
+    before = images.clone()
+    record = ExplicitDeconvnet(model, {"top": model[4]}).forward(images, "top")
+    assert torch.equal(images, before) and (images < 0).any() and record.acts.abs().max() > 0
+
+
 def corner_and_shared_units(acts):
     """Units at the four corners of the map (windows reaching into the padding) on every image,
     plus the same (channel, position) repeated over images and a few active units."""
@@ -407,14 +418,17 @@ def test_windows_are_used_only_where_the_receptive_field_is_small(models):
 def test_local_response_norm_is_torchs_bit_for_bit(shape, size):
     """The explicit deconvnet's LRN gives exactly torch's values (a rounding difference could move
     a max-pool switch downstream), for odd and even windows, windows wider than the channels,
-    and the ranks it hands to torch."""
+    channels-last input, and the ranks it hands to torch."""
     from convviz.deconv import local_response_norm
 
     torch.manual_seed(0)
     for scale in (0.01, 1.0, 30.0):
         x = torch.randn(shape) * scale
         for alpha, beta, k in [(1e-4, 0.75, 2.0), (0.5, 1.5, 1.0)]:
-            assert torch.equal(local_response_norm(x, size, alpha, beta, k), F.local_response_norm(x, size, alpha, beta, k))
+            expected = F.local_response_norm(x, size, alpha, beta, k)
+            assert torch.equal(local_response_norm(x, size, alpha, beta, k), expected)
+            if x.dim() == 4:  # the explicit forward may hand it a channels-last map
+                assert torch.equal(local_response_norm(x.contiguous(memory_format=torch.channels_last), size, alpha, beta, k), expected)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (run on the GPU machine)")
@@ -435,3 +449,46 @@ def test_cuda_projections_equal_the_cpus(models, images, name):
             gpu = project(cuda_model, layer, images.cuda(), units, method=method, spec=spec)
             assert gpu.is_cuda
             assert_close(gpu.cpu(), cpu, rtol=1e-4)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("name", list(ARCH))
+def test_deconvnet_forward_is_the_models_own_bit_for_bit(models, threads, name):
+    """The explicit and graph deconvnets run their own forward pass (the colour convolution
+    channels-last on a CPU, max-pooling channels-last). Every max-pool switch and the top layer's
+    activations must be exactly those of the model's own forward with NCHW pooling, as Captum
+    sees them: one rounding difference could move a switch and with it a projection."""
+    from convviz.deconv_graph import graph_deconvnet
+
+    model, spec = models[name], get_spec(name)
+    images = torch.randn(5, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(3)) * 2
+    top = list(spec.layers)[-1] if name != "resnet50" else "layer4"
+    module = model.get_submodule(spec.layers[top])
+    pool_inputs, top_out = [], []
+    pools = [m for m in model.modules() if isinstance(m, nn.MaxPool2d)]
+    handles = [m.register_forward_hook(lambda m, a, o: pool_inputs.append((m, a[0].clone()))) for m in pools]
+    handles.append(module.register_forward_hook(lambda m, a, o: top_out.append(o.clone())))
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        with torch.no_grad():
+            model(images)
+        for handle in handles:
+            handle.remove()
+        if name == "resnet50":
+            deconvnet = graph_deconvnet(model)
+            record = deconvnet.forward(images, deconvnet.node_for(module))
+            switches, acts = list(record.switches.values()), record.value
+        else:
+            record = ExplicitDeconvnet(model, spec).forward(images, top)
+            switches, acts = [s for s in record.switches if s is not None], record.acts
+    finally:
+        torch.set_num_threads(before)
+        for handle in handles:
+            handle.remove()  # again, where the model failed
+    expected = [F.max_pool2d(x, m.kernel_size, m.stride, m.padding, m.dilation, m.ceil_mode, return_indices=True)[1]
+                for m, x in pool_inputs]
+    assert len(switches) == len(expected) > 0
+    for got, want in zip(switches, expected):
+        assert torch.equal(got, want)
+    assert acts.is_contiguous() and torch.equal(acts, top_out[0])
