@@ -418,7 +418,7 @@ def _conv_forward(conv: nn.Conv2d, x: Tensor) -> Tensor:
     if conv.padding_mode != "zeros" or isinstance(conv.padding, str) and conv.padding != "valid":
         raise ValueError("the explicit deconvnet handles zero-padded convolutions with numeric padding only")
     padding = 0 if conv.padding == "valid" else conv.padding
-    if x.device.type == "cpu" and conv.in_channels <= _FEW_CHANNELS:
+    if x.device.type == "cpu" and conv.in_channels <= _FEW_CHANNELS and conv.groups == 1:
         # oneDNN runs a convolution of a few input channels (the colour layer) about 1.5x faster
         # on channels-last input, with bit-identical output (tested against the model's own
         # forward). The output stays channels-last: the ReLU, LRN and max-pool after it give the
