@@ -335,6 +335,32 @@ def test_truncated_checkpoint_is_reported_as_corrupt(tmp_path, keep):
         load_model(path)
 
 
+def test_checkpoint_with_damaged_weights_is_reported_before_use(tmp_path):
+    """Bytes flipped inside a tensor's data leave a readable archive that torch loads as wrong
+    weights; the archive's CRC-32 check catches them and names the entry."""
+    import struct
+    import zipfile
+
+    path = tmp_path / "model.pt"
+    _save(path)
+    with zipfile.ZipFile(path) as archive:
+        entry = max(archive.infolist(), key=lambda info: info.file_size)
+    data = bytearray(path.read_bytes())
+    name_len, extra_len = struct.unpack("<HH", data[entry.header_offset + 26 : entry.header_offset + 30])
+    middle = entry.header_offset + 30 + name_len + extra_len + entry.file_size // 2
+    data[middle : middle + 8] = bytes(b ^ 0xFF for b in data[middle : middle + 8])
+    path.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match=rf"model.pt is corrupt: its entry '{entry.filename}' fails its CRC-32"):
+        load_model(path)
+
+
+def test_random_bytes_are_not_called_a_checkpoint(tmp_path):
+    path = tmp_path / "noise.pt"
+    path.write_bytes(bytes(torch.randint(0, 256, (4096,), generator=torch.Generator().manual_seed(0), dtype=torch.uint8).tolist()))
+    with pytest.raises(CheckpointError, match=r"noise.pt(: it is not a torch.save archive| is truncated or corrupt)"):
+        load_checkpoint(path)
+
+
 def test_checkpoint_of_another_architecture_is_refused(tmp_path):
     path = tmp_path / "lenet.pt"
     lenet = _save(path, "lenet")

@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import os
 import pickle
+import zipfile
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -118,11 +119,21 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
         raise CheckpointError(f"checkpoint {path} does not exist")
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} is not a file")
+    archive = zipfile.is_zipfile(path)
+    if archive:
+        _check_archive(path)
     try:
         # weights_only=True always: never execute code from a checkpoint.
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # torch surfaces damage as RuntimeError, EOFError, OSError, KeyError, ...
         reason = _refusal_reason(err)
+        if reason is not None and not archive:
+            raise CheckpointError(
+                f"refused to load {path}: it is not a torch.save archive (random or damaged bytes, "
+                "not a checkpoint at all, or a plain pickle holding Python objects beyond tensors "
+                f"and plain data; torch: {reason}); if it is a damaged checkpoint, delete it and "
+                "rerun training; only load checkpoints you trust"
+            ) from err
         if reason is not None:
             raise CheckpointError(
                 f"refused to load {path}: it contains Python objects beyond tensors and plain data "
@@ -135,6 +146,24 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
     if not isinstance(obj, dict):
         raise CheckpointError(f"checkpoint {path} holds a {type(obj).__name__}, not a dict")
     return obj
+
+
+def _check_archive(path: Path) -> None:
+    """CheckpointError if an entry of the torch.save zip archive fails its CRC-32 check: torch
+    itself reads flipped bytes in a tensor's data without complaint, as wrong weights."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            bad = archive.testzip()
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError) as err:  # truncated, unreadable
+        raise CheckpointError(
+            f"checkpoint {path} is truncated or corrupt ({type(err).__name__}: {str(err)[:200]}); "
+            "delete it and rerun training"
+        ) from err
+    if bad is not None:
+        raise CheckpointError(
+            f"checkpoint {path} is corrupt: its entry {bad!r} fails its CRC-32 check (damaged on "
+            "disk or in a copy); delete it and rerun training"
+        )
 
 
 def is_convviz_checkpoint(obj: Mapping) -> bool:
