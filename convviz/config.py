@@ -42,9 +42,31 @@ def _describe(error: jsonschema.ValidationError) -> str:
         return f"config key '{key}': unknown name {error.instance!r}; allowed names: {allowed}"
     if error.validator == "type":
         return f"config key '{key}': {error.instance!r} is not of type {error.validator_value}"
+    if error.validator in ("oneOf", "anyOf"):
+        options = " or ".join(_in_words(option) for option in error.validator_value)
+        return f"config key '{key}': {error.instance!r} is not allowed; expected {options}"
     allowed = {k: schema[k] for k in ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum", "minItems") if k in schema}
     hint = f" (allowed: {allowed})" if allowed else ""
     return f"config key '{key}': {error.message}{hint}"
+
+
+def _in_words(schema: dict) -> str:
+    """A schema alternative as a phrase: "'all'", "an integer >= 1", "a list of strings", ..."""
+    if "enum" in schema:
+        return " or ".join(repr(value) for value in schema["enum"])
+    kind = schema.get("type")
+    if kind == "array":
+        item = schema.get("items", {}).get("type")
+        words = f"a list of {item}s" if item else "a list"
+        if schema.get("minItems"):
+            words = f"a non-empty {words[2:]}"
+        return words + (" without repeats" if schema.get("uniqueItems") else "")
+    words = {"integer": "an integer", "number": "a number", "string": "a string", "boolean": "true or false",
+             "object": "a mapping", "null": "null"}.get(kind, f"a {kind}" if kind else "a value")
+    for bound, sign in (("minimum", ">="), ("exclusiveMinimum", ">"), ("maximum", "<="), ("exclusiveMaximum", "<")):
+        if bound in schema:
+            words += f" {sign} {schema[bound]}"
+    return words
 
 
 def _fill_defaults(instance: dict, schema: dict) -> None:

@@ -88,3 +88,20 @@ def test_schema_model_names_match_the_registry():
 
     schema = yaml.safe_load((ROOT / "schemas/config.schema.yaml").read_text())
     assert schema["properties"]["models"]["items"]["enum"] == list(MODELS)
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"top9": {"project_maps": 0}}, "config key 'top9.project_maps': 0 is not allowed; expected 'all' or an integer >= 1"),
+        ({"evolution": {"images": 0}}, "config key 'evolution.images': 0 is not allowed; expected 'all' or an integer >= 1"),
+        ({"top9": {"layers": "conv5"}},
+         "config key 'top9.layers': 'conv5' is not allowed; expected 'all' or a non-empty list of strings without repeats"),
+    ],
+)
+def test_a_value_of_neither_allowed_form_is_told_both_forms(change, message):
+    """Keys taking a number or "all" (or a list or "all") say so, not "not valid under any of the
+    given schemas"."""
+    with pytest.raises(ConfigError) as err:
+        validate_config(overlay(default_config(), change))
+    assert message in str(err.value)
