@@ -258,6 +258,16 @@ def run_top9(model_name: str, checkpoint, data_dir, outputs: Top9Outputs, settin
     split = None if settings["split"] == "all" else settings["split"]
     dataset = open_split(data_dir, split, meta["input_size"])
     log(f"{model_name}: top-9 of {len(layers)} layer(s) {layers} over {len(dataset)} {settings['split']} images, {method} deconvnet on {device}")
+    # The per-image view's own files are read first: a wrong path fails before minutes of mining.
+    view = settings["per_image"]
+    files = []
+    for n, path in enumerate(view["paths"]):
+        if not Path(path).is_file():
+            raise ValueError(f"config key 'top9.per_image.paths[{n}]': {path!r} is not an image file (relative paths start at the workflow directory)")
+        try:
+            files.append(torch.from_numpy(load_image(path, dataset.image_size)).permute(2, 0, 1))
+        except Exception as err:
+            raise ValueError(f"config key 'top9.per_image.paths[{n}]': cannot read {path!r} as an image ({err})") from err
 
     mined = mine_split(model, model_name, dataset, layers, batch_size, device, log)
     fields = receptive_fields(model, layers, dataset.image_size, model_name)
@@ -281,13 +291,9 @@ def run_top9(model_name: str, checkpoint, data_dir, outputs: Top9Outputs, settin
     write_parquet(table, outputs.table)
 
     # Per-image view: a few seeded images of the split, plus any configured files.
-    view = settings["per_image"]
     picks = seeded_sample(settings["seed"], len(dataset), view["count"], salt=f"per_image:{model_name}")
-    raws = [dataset.raw(i) for i in picks]
-    ids = [str(dataset.manifest.at[i, "image_id"]) for i in picks]
-    for path in view["paths"]:
-        raws.append(torch.from_numpy(load_image(path, dataset.image_size)).permute(2, 0, 1))
-        ids.append(f"file:{Path(path).name}")
+    raws = [dataset.raw(i) for i in picks] + files
+    ids = [str(dataset.manifest.at[i, "image_id"]) for i in picks] + [f"file:{Path(path).name}" for path in view["paths"]]
     per_dir = Path(outputs.per_image_figures)
     per_dir.mkdir(parents=True, exist_ok=True)
     frames = []

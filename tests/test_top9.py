@@ -177,3 +177,28 @@ def test_smoke_run_writes_top9_tables_arrays_and_figures(smoke_run):
             assert (out / "figures" / f"{layer}.png").stat().st_size > 0
         per_image = pd.read_parquet(out / "top9_per_image.parquet")
         assert per_image["image_id"].nunique() == 2 and len(list((out / "per_image").glob("*.png"))) == 2
+
+
+@pytest.mark.parametrize("bad", ["missing", "corrupt"])
+def test_a_bad_per_image_file_fails_before_mining_naming_its_key(tmp_path, tiny_dataset, monkeypatch, bad):
+    """top9.per_image.paths is read before the mining pass: a wrong path or an unreadable file is
+    named with its config key instead of failing after every layer was mined and projected."""
+    import convviz.top9 as top9
+    from convviz.config import study_settings
+    from convviz.models.checkpoint import save_checkpoint
+
+    torch.manual_seed(0)
+    checkpoint = tmp_path / "lenet.pt"
+    save_checkpoint(checkpoint, "lenet", build_model("lenet", 3, 64), epoch=1, num_classes=3, input_size=64, arch_cfg={})
+    path = tmp_path / "cat.png"
+    if bad == "corrupt":
+        path.write_bytes(b"not a png at all")
+    settings = study_settings(validate_config({"top9": {"per_image": {"paths": [str(path)]}}}), "top9")
+
+    def mining(*args, **kwargs):
+        raise AssertionError("mined before checking the per-image files")
+
+    monkeypatch.setattr(top9, "mine_split", mining)
+    outputs = top9.Top9Outputs(*(str(tmp_path / name) for name in ("t.parquet", "a.npz", "figs", "p.parquet", "per")))
+    with pytest.raises(ValueError, match=r"config key 'top9.per_image.paths\[0\]'.*cat.png"):
+        top9.run_top9("lenet", checkpoint, tiny_dataset, outputs, settings, log=lambda m: None)
