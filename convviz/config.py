@@ -145,6 +145,12 @@ def _cross_checks(config: dict) -> list[str]:
             f"config key 'occlusion.size': {occlusion['size']} px is larger than the images "
             f"(data.image_size {data['image_size']}); allowed: 1..{data['image_size']}"
         )
+    mask = (config.get("correspondence") or {}).get("occluder_size")
+    if mask is not None and mask > data["image_size"]:
+        problems.append(
+            f"config key 'correspondence.occluder_size': {mask} px is larger than the images "
+            f"(data.image_size {data['image_size']}); allowed: 1..{data['image_size']}, or null for the part boxes' size"
+        )
     for model in config["models"]:
         settings = train_settings(config, model)
         if settings["batch_size"] < 2 and settings["epochs"] > 0:

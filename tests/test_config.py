@@ -56,6 +56,8 @@ def test_missing_keys_are_filled_from_schema_defaults():
         ({"device": "tpu"}, "device"),
         ({"tarin": {}}, "tarin"),
         ({"architecture": {"zfnet": {"fc_widht": 3}}}, "architecture.zfnet"),
+        ({"occlusion": {"size": 65}}, "occlusion.size"),
+        ({"correspondence": {"occluder_size": 200}}, "correspondence.occluder_size"),
     ],
 )
 def test_bad_value_is_refused_naming_its_key(change, key):
