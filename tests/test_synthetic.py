@@ -332,3 +332,25 @@ def test_normalise_is_the_formula_bit_for_bit_and_leaves_its_input_alone(small_s
     as_float = raw.float()  # a float input is copied too, never overwritten
     dataset.normalise(as_float)
     assert torch.equal(as_float, before.float())
+
+
+@pytest.mark.parametrize("damage", ["dataset.json missing", "dataset.json broken", "manifest.parquet truncated", "parts.parquet truncated"])
+def test_a_damaged_dataset_directory_is_named_with_a_fix(small_set, tmp_path, damage):
+    """Each file of a dataset directory that is missing or damaged gets a DatasetError naming it
+    and saying to rebuild the dataset, not a bare JSONDecodeError or ArrowInvalid."""
+    import shutil
+
+    from convviz.data.common import DatasetError, read_dataset
+
+    copy = tmp_path / "ds"
+    shutil.copytree(small_set[0], copy)
+    name, how = damage.split(" ")
+    target = copy / name
+    if how == "missing":
+        target.unlink()
+    elif how == "broken":
+        target.write_text('{"name": "synthetic",\n')
+    else:
+        target.write_bytes(target.read_bytes()[: target.stat().st_size // 2])
+    with pytest.raises(DatasetError, match=rf"{name}.*run the dataset rule again"):
+        read_dataset(copy)

@@ -109,17 +109,34 @@ def check_parts(parts: pd.DataFrame, manifest: pd.DataFrame, where) -> None:
         raise DatasetError(f"{where}: {len(bad)} empty part box(es), e.g. {bad.iloc[0].to_dict()}")
 
 
+def _read_table(path: Path) -> pd.DataFrame:
+    try:
+        return pd.read_parquet(path)
+    except Exception as err:  # pyarrow raises ArrowInvalid, OSError, ... for a damaged file
+        raise DatasetError(
+            f"{path} is truncated or corrupt ({type(err).__name__}: {str(err)[:200]}); delete the dataset "
+            "directory and run the dataset rule again"
+        ) from err
+
+
 def read_dataset(data_dir: str | os.PathLike) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
     """Read manifest, parts and metadata of a dataset directory; paths become absolute."""
     data_dir = Path(data_dir)
     manifest_path = data_dir / "manifest.parquet"
     if not manifest_path.is_file():
         raise DatasetError(f"no dataset at {data_dir}: {manifest_path} is missing (run the dataset rule first)")
-    manifest = pd.read_parquet(manifest_path)
+    manifest = _read_table(manifest_path)
     parts_path = data_dir / "parts.parquet"
-    parts = pd.read_parquet(parts_path) if parts_path.is_file() else pd.DataFrame(columns=PARTS_COLUMNS)
+    parts = _read_table(parts_path) if parts_path.is_file() else pd.DataFrame(columns=PARTS_COLUMNS)
     check_parts(parts, manifest, parts_path)
-    meta = json.loads((data_dir / "dataset.json").read_text())
+    meta_path = data_dir / "dataset.json"
+    try:
+        meta = json.loads(meta_path.read_text())
+    except (OSError, ValueError) as err:
+        raise DatasetError(
+            f"{meta_path} is missing or unreadable ({type(err).__name__}: {err}); the dataset rule writes it "
+            "with the manifest: delete the dataset directory and run the dataset rule again"
+        ) from err
     manifest["path"] = [str(p if os.path.isabs(p) else data_dir / p) for p in manifest["path"]]
     return manifest, parts, meta
 
