@@ -109,13 +109,24 @@ def occlusion_sweep(
     """
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    if int(batch_size) < 1:
+        raise ValueError(f"batch_size (occluder positions per batch) must be at least 1, got {batch_size}")
     spec = get_spec(model_name)
+    try:
+        top = model.get_submodule(spec.layers[spec.top_conv])
+    except AttributeError as err:
+        raise ValueError(
+            f"the model does not match the registry's {model_name}: it has no {spec.top_conv} at {spec.layers[spec.top_conv]!r} "
+            "(pass the registry name of the model's architecture)"
+        ) from err
+    heads = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    if not 0 <= int(label) < (heads[-1].out_features if heads else int(label) + 1):
+        raise ValueError(f"label {label} is not a class of the model, which has {heads[-1].out_features} (0..{heads[-1].out_features - 1})")
     device = image.device
     fill = torch.zeros(image.shape[1], device=device) if fill is None else fill.to(device)
     ys = occluder_positions(image.shape[-2], size, stride)
     xs = occluder_positions(image.shape[-1], size, stride)
     y0, x0 = _grid(ys, xs, device)
-    top = model.get_submodule(spec.layers[spec.top_conv])
     with torch.no_grad():
         if method == "graphed":
             engine = engine or GraphedSweep(model, top)

@@ -318,6 +318,19 @@ def test_auto_is_incremental_off_cuda_and_unknown_methods_are_refused(models):
         make_engine(models["lenet"], "lenet", "fast")
 
 
+@pytest.mark.parametrize("method", ["incremental", "batched", "graphed"])
+def test_bad_sweep_arguments_are_named_before_any_work(models, image, method):
+    """A label outside the model's classes, no positions per batch, or the registry name of
+    another architecture get a ValueError saying which, not an IndexError deep in the sweep."""
+    lenet = models["lenet"]
+    with pytest.raises(ValueError, match=r"label 10 is not a class of the model, which has 10 \(0..9\)"):
+        occlusion_sweep(lenet, "lenet", image, 10, 16, 8, 64, method=method)
+    with pytest.raises(ValueError, match="batch_size .* at least 1, got 0"):
+        occlusion_sweep(lenet, "lenet", image, 3, 16, 8, 0, method=method)
+    with pytest.raises(ValueError, match=r"the model does not match the registry.s alexnet: it has no conv5"):
+        occlusion_sweep(lenet, "alexnet", image, 3, 16, 8, 64, method=method)
+
+
 class ConvBranches(nn.Module):
     """A conv -> BatchNorm pair to fold, a conv whose output also feeds a residual sum and a
     BatchNorm after a ReLU (neither may be folded)."""
