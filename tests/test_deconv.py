@@ -492,3 +492,15 @@ def test_deconvnet_forward_is_the_models_own_bit_for_bit(models, threads, name):
     for got, want in zip(switches, expected):
         assert torch.equal(got, want)
     assert acts.is_contiguous() and torch.equal(acts, top_out[0])
+
+
+def test_layer_names_are_resolved_with_errors_that_say_what_is_wrong(models, images):
+    """A misspelt layer lists the valid ones; a spec of another architecture says the model does
+    not match it; a path without spec asks for one."""
+    lenet = models["lenet"]
+    with pytest.raises(ValueError, match=r"unknown layer 'conv9' for lenet; valid layers are \['conv1'"):
+        project(lenet, "conv9", images, [(0, 0)], spec="lenet")
+    with pytest.raises(ValueError, match=r"does not match spec 'alexnet': it has no module 'features.11' for layer 'conv5'"):
+        project(lenet, "conv5", images, [(0, 0)], spec="alexnet")
+    with pytest.raises(ValueError, match=r"'conv2' is neither a module path of the model nor a layer name \(pass spec=\)"):
+        project(lenet, "conv2", images, [(0, 0)])
