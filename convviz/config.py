@@ -128,8 +128,14 @@ def _cross_checks(config: dict) -> list[str]:
             )
     for section in ("top9", "evolution"):
         if section in config:
+            layers = config[section].get("layers", "all")
             for model in config["models"]:
-                problems.extend(unknown_layer_problems(f"{section}.layers", model, config[section].get("layers", "all")))
+                problems.extend(unknown_layer_problems(f"{section}.layers", model, layers))
+            if isinstance(layers, dict) and set(layers) - set(config["models"]):
+                problems.append(
+                    f"config key '{section}.layers': {sorted(set(layers) - set(config['models']))} are not among "
+                    f"the models {config['models']}; give layers per model of the run"
+                )
     evolution = config.get("evolution", {})
     if isinstance(evolution.get("maps_per_layer"), int) and isinstance(top9.get("project_maps"), int):
         if evolution["maps_per_layer"] > top9["project_maps"]:

@@ -37,11 +37,22 @@ ANALYSIS_LAYERS: dict[str, dict[str, str]] = {
 }
 
 
+def layers_for(model: str, layers):
+    """A config `layers` value for one model: "all", a list of names, or a mapping model -> either
+    (a model the mapping leaves out gets "all")."""
+    if isinstance(layers, dict):
+        return layers.get(model, "all")
+    return layers
+
+
 def unknown_layer_problems(key: str, model: str, layers) -> list[str]:
     """Config problems for layer names `model` does not have ("all"/None: none).
 
     key: the dotted config key, named in the message with the valid layers.
     """
+    if isinstance(layers, dict):
+        key = f"{key}.{model}"
+        layers = layers_for(model, layers)
     if layers in ("all", None) or model not in ANALYSIS_LAYERS:
         return []
     requested = [layers] if isinstance(layers, str) else list(layers)
@@ -49,4 +60,5 @@ def unknown_layer_problems(key: str, model: str, layers) -> list[str]:
     unknown = [layer for layer in requested if layer not in known]
     if not unknown:
         return []
-    return [f"config key '{key}': unknown layer(s) {unknown} for {model}; valid layers are {known}"]
+    hint = "" if key.endswith(f".{model}") else f" (a list applies to every model; per model: {{{model}: [...]}})"
+    return [f"config key '{key}': unknown layer(s) {unknown} for {model}; valid layers are {known}{hint}"]

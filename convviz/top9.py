@@ -224,7 +224,13 @@ def per_image_view(
 
 
 def analysis_layers(model_name: str, layers, key: str = "top9.layers") -> list[str]:
-    """Config `layers` ("all" or a list of names) -> validated names; unknown names list the valid ones."""
+    """Config `layers` ("all", a list of names, or per model a mapping to either) -> validated
+    names; unknown names list the valid ones."""
+    from convviz.layer_names import layers_for
+
+    if isinstance(layers, dict):
+        key = f"{key}.{model_name}"
+    layers = layers_for(model_name, layers)
     try:
         return resolve_layers(model_name, None if layers == "all" else layers)
     except ValueError as err:

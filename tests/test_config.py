@@ -107,3 +107,23 @@ def test_a_value_of_neither_allowed_form_is_told_both_forms(change, message):
     with pytest.raises(ConfigError) as err:
         validate_config(overlay(default_config(), change))
     assert message in str(err.value)
+
+
+def test_layers_can_be_chosen_per_model():
+    """top9/evolution layers: a mapping picks layers per model (models left out get all); a
+    model outside the run or a layer a model lacks is named with its key."""
+    from convviz.top9 import analysis_layers
+
+    layers = {"alexnet": ["conv1", "conv2", "conv5"], "resnet50": ["conv1", "layer4"]}
+    config = validate_config(overlay(default_config(), {"top9": {"layers": layers}, "evolution": {"layers": layers}}))
+    chosen = {model: analysis_layers(model, config["top9"]["layers"]) for model in config["models"]}
+    assert chosen["alexnet"] == ["conv1", "conv2", "conv5"] and chosen["resnet50"] == ["conv1", "layer4"]
+    assert chosen["lenet"] == ["conv1", "conv2", "fc3", "fc4"]  # left out: all
+    for change, message in [
+        ({"top9": {"layers": {"vgg": "all"}}}, "config key 'top9.layers': ['vgg'] are not among the models"),
+        ({"evolution": {"layers": {"lenet": ["conv5"]}}}, "config key 'evolution.layers.lenet': unknown layer(s) ['conv5'] for lenet"),
+        ({"top9": {"layers": ["conv5"]}}, "(a list applies to every model; per model: {lenet: [...]})"),
+    ]:
+        with pytest.raises(ConfigError) as err:
+            validate_config(overlay(default_config(), change))
+        assert message in str(err.value)
