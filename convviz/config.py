@@ -57,9 +57,7 @@ def _in_words(schema: dict) -> str:
     kind = schema.get("type")
     if kind == "array":
         item = schema.get("items", {}).get("type")
-        words = f"a list of {item}s" if item else "a list"
-        if schema.get("minItems"):
-            words = f"a non-empty {words[2:]}"
+        words = ("a non-empty list" if schema.get("minItems") else "a list") + (f" of {item}s" if item else "")
         return words + (" without repeats" if schema.get("uniqueItems") else "")
     words = {"integer": "an integer", "number": "a number", "string": "a string", "boolean": "true or false",
              "object": "a mapping", "null": "null"}.get(kind, f"a {kind}" if kind else "a value")

@@ -185,16 +185,14 @@ def resolve_layer(model: nn.Module, layer: str | nn.Module, spec=None) -> nn.Mod
         if layer not in spec.layers:
             raise ValueError(f"unknown layer {layer!r} for {spec.name}; valid layers are {list(spec.layers)}")
         name, layer = layer, spec.layers[layer]
-        try:
-            return model.get_submodule(layer)
-        except AttributeError:
+    try:
+        return model.get_submodule(layer)
+    except AttributeError:
+        if spec is not None:
             raise ValueError(
                 f"the model does not match spec {spec.name!r}: it has no module {layer!r} for layer {name!r} "
                 "(pass the spec of the model's own architecture)"
             ) from None
-    try:
-        return model.get_submodule(layer)
-    except AttributeError:
         raise ValueError(f"{layer!r} is neither a module path of the model nor a layer name (pass spec=)") from None
 
 

@@ -37,12 +37,13 @@ ANALYSIS_LAYERS: dict[str, dict[str, str]] = {
 }
 
 
-def layers_for(model: str, layers):
-    """A config `layers` value for one model: "all", a list of names, or a mapping model -> either
-    (a model the mapping leaves out gets "all")."""
+def layers_for(key: str, model: str, layers) -> tuple[str, object]:
+    """(config key, choice) of a config `layers` value for one model: the value is "all", a list of
+    names, or a mapping model -> either (a model the mapping leaves out gets "all"), whose key
+    then names the model."""
     if isinstance(layers, dict):
-        return layers.get(model, "all")
-    return layers
+        return f"{key}.{model}", layers.get(model, "all")
+    return key, layers
 
 
 def unknown_layer_problems(key: str, model: str, layers) -> list[str]:
@@ -50,9 +51,8 @@ def unknown_layer_problems(key: str, model: str, layers) -> list[str]:
 
     key: the dotted config key, named in the message with the valid layers.
     """
-    if isinstance(layers, dict):
-        key = f"{key}.{model}"
-        layers = layers_for(model, layers)
+    per_model = isinstance(layers, dict)
+    key, layers = layers_for(key, model, layers)
     if layers in ("all", None) or model not in ANALYSIS_LAYERS:
         return []
     requested = [layers] if isinstance(layers, str) else list(layers)
@@ -60,5 +60,5 @@ def unknown_layer_problems(key: str, model: str, layers) -> list[str]:
     unknown = [layer for layer in requested if layer not in known]
     if not unknown:
         return []
-    hint = "" if key.endswith(f".{model}") else f" (a list applies to every model; per model: {{{model}: [...]}})"
+    hint = "" if per_model else f" (a list applies to every model; per model: {{{model}: [...]}})"
     return [f"config key '{key}': unknown layer(s) {unknown} for {model}; valid layers are {known}{hint}"]

@@ -120,8 +120,10 @@ def occlusion_sweep(
             "(pass the registry name of the model's architecture)"
         ) from err
     heads = [m for m in model.modules() if isinstance(m, nn.Linear)]
-    if not 0 <= int(label) < (heads[-1].out_features if heads else int(label) + 1):
-        raise ValueError(f"label {label} is not a class of the model, which has {heads[-1].out_features} (0..{heads[-1].out_features - 1})")
+    classes = heads[-1].out_features if heads else None
+    if label < 0 or classes is not None and label >= classes:
+        which = f", which has {classes} (0..{classes - 1})" if classes is not None else ""
+        raise ValueError(f"label {label} is not a class of the model{which}")
     device = image.device
     fill = torch.zeros(image.shape[1], device=device) if fill is None else fill.to(device)
     ys = occluder_positions(image.shape[-2], size, stride)

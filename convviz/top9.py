@@ -228,9 +228,7 @@ def analysis_layers(model_name: str, layers, key: str = "top9.layers") -> list[s
     names; unknown names list the valid ones."""
     from convviz.layer_names import layers_for
 
-    if isinstance(layers, dict):
-        key = f"{key}.{model_name}"
-    layers = layers_for(model_name, layers)
+    key, layers = layers_for(key, model_name, layers)
     try:
         return resolve_layers(model_name, None if layers == "all" else layers)
     except ValueError as err:
