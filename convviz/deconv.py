@@ -53,7 +53,7 @@ from torch import Tensor, nn
 from convviz import deconv_window
 from convviz.deconv_window import pair
 from convviz.machine import fastest_way
-from convviz.models.registry import get_spec
+from convviz.models.registry import check_built_as, get_spec
 
 SIGNALS = ("activation", "one")
 CONTRAST_NORM = ("identity", "gradient")
@@ -182,6 +182,7 @@ def resolve_layer(model: nn.Module, layer: str | nn.Module, spec=None) -> nn.Mod
     if spec is not None:
         if isinstance(spec, str):
             spec = get_spec(spec)
+        check_built_as(model, spec.name)
         if layer not in spec.layers:
             raise ValueError(f"unknown layer {layer!r} for {spec.name}; valid layers are {list(spec.layers)}")
         name, layer = layer, spec.layers[layer]

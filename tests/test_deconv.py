@@ -495,12 +495,20 @@ def test_deconvnet_forward_is_the_models_own_bit_for_bit(models, threads, name):
 
 
 def test_layer_names_are_resolved_with_errors_that_say_what_is_wrong(models, images):
-    """A misspelt layer lists the valid ones; a spec of another architecture says the model does
-    not match it; a path without spec asks for one."""
+    """A misspelt layer lists the valid ones; a spec of another architecture is refused, even for
+    a layer whose module path both have (lenet's fc3 and alexnet's fc6 are both classifier.2),
+    and for a model built outside the registry where the path is missing; a path without spec
+    asks for one."""
     lenet = models["lenet"]
     with pytest.raises(ValueError, match=r"unknown layer 'conv9' for lenet; valid layers are \['conv1'"):
         project(lenet, "conv9", images, [(0, 0)], spec="lenet")
+    for layer in ("conv5", "fc6"):
+        with pytest.raises(ValueError, match=r"the model was built as 'lenet', not 'alexnet': its layers are \['conv1', 'conv2', 'fc3', 'fc4'\] \(pass spec='lenet'"):
+            project(lenet, layer, images, [(0, 0)], spec="alexnet")
+    unnamed = copy.deepcopy(lenet)
+    del unnamed.convviz_model  # as a model built without build_model
     with pytest.raises(ValueError, match=r"does not match spec 'alexnet': it has no module 'features.11' for layer 'conv5'"):
-        project(lenet, "conv5", images, [(0, 0)], spec="alexnet")
+        project(unnamed, "conv5", images, [(0, 0)], spec="alexnet")
+    assert project(unnamed, "conv2", images, [(0, 0, 0, 0)], spec="lenet").shape == (1, *images.shape[1:])
     with pytest.raises(ValueError, match=r"'conv2' is neither a module path of the model nor a layer name \(pass spec=\)"):
         project(lenet, "conv2", images, [(0, 0)])

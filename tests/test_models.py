@@ -111,6 +111,15 @@ def test_layer_modules_returns_only_the_requested_layers():
     assert list(modules) == ["conv2"] and modules["conv2"] is model.features[4]
 
 
+def test_layer_names_of_another_architecture_are_refused_even_where_the_paths_exist():
+    """alexnet's fc6/fc7 paths (classifier.2/.5) exist in lenet too: without the check they would
+    silently give lenet's fc3/fc4."""
+    model = small_net("lenet")
+    assert model.convviz_model == "lenet"
+    with pytest.raises(ValueError, match=r"the model was built as 'lenet', not 'alexnet'.*pass spec='lenet'"):
+        layer_modules(model, "alexnet", ["fc6"])
+
+
 def test_unknown_arch_cfg_key_is_rejected_by_name():
     with pytest.raises(ValueError, match="fc_widht"):
         build_model("zfnet", 10, 64, {"fc_widht": 16})

@@ -41,6 +41,7 @@ ARCH_KEYS = ("fc_width", "dropout", "weights", "filter_radius", "init")
 _WEIGHT_FILE_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin")
 _IMAGENET_CLASSES = 1000
 _TORCHVISION_FC_WIDTH = 4096
+BUILT_AS = "convviz_model"  # attribute build_model sets on a model: its registry name
 
 
 @dataclass(frozen=True)
@@ -266,15 +267,33 @@ def build_model(name: str, num_classes: int, input_size: int, arch_cfg: dict | N
     kwargs = {key: value for key, value in cfg.items() if key in accepted}
 
     if weights is None:
-        return spec.builder(num_classes, input_size, **kwargs)
-    if _is_weights_path(weights):
-        return load_weights(spec.builder(num_classes, input_size, **kwargs), weights, name)
-    if "weights" not in accepted:
+        model = spec.builder(num_classes, input_size, **kwargs)
+    elif _is_weights_path(weights):
+        model = load_weights(spec.builder(num_classes, input_size, **kwargs), weights, name)
+    elif "weights" not in accepted:
         raise ValueError(
             f"{name} has no pretrained torchvision weights (got weights={weights!r}); "
             "train it first and pass the checkpoint path instead"
         )
-    return spec.builder(num_classes, input_size, weights=weights, **kwargs)
+    else:
+        model = spec.builder(num_classes, input_size, weights=weights, **kwargs)
+    setattr(model, BUILT_AS, name)
+    return model
+
+
+def check_built_as(model: nn.Module, name: str) -> None:
+    """ValueError if `model` was built by `build_model` as another registry model than `name`.
+
+    Layer names map to module paths, and models share paths (lenet's fc3 and alexnet's fc6 are
+    both classifier.2), so another spec's names could silently pick the wrong layer. A model
+    built elsewhere carries no name and is taken at its word.
+    """
+    built = getattr(model, BUILT_AS, None)
+    if built is not None and built != name:
+        raise ValueError(
+            f"the model was built as {built!r}, not {name!r}: its layers are {list(get_spec(built).layers)} "
+            f"(pass spec={built!r}, the model's own architecture)"
+        )
 
 
 def resolve_layers(name: str, layers: list[str] | str | None) -> list[str]:
@@ -295,4 +314,5 @@ def resolve_layers(name: str, layers: list[str] | str | None) -> list[str]:
 def layer_modules(model: nn.Module, name: str, layers: list[str] | str | None = None) -> dict[str, nn.Module]:
     """Analysis layer name -> the module of `model` (a `name` model) whose output is that feature map."""
     paths = get_spec(name).layers
+    check_built_as(model, name)
     return {layer: model.get_submodule(paths[layer]) for layer in resolve_layers(name, layers)}
