@@ -1,11 +1,17 @@
 """Config validation with messages that name the key, and the per-step views rules take as params.
 
 Imported by the Snakefile, so it must not import torch (the Snakemake process may run without it).
+
+Run as `python -m convviz.config [overlay.yaml ...]` it checks config.yaml with the overlays merged
+on top as `snakemake --configfile` merges them, without starting Snakemake: a YAML syntax error is
+reported with its file, line and column (Snakemake's own message names neither).
 """
 
 from __future__ import annotations
 
+import argparse
 import copy
+import sys
 from pathlib import Path
 
 import jsonschema
@@ -286,3 +292,64 @@ def target_settings(config: dict, target: str) -> dict:
         "rotation_deg": syn["rotation_deg"],
         "distractors": syn["distractors"],
     }
+
+
+# ------------------------------------------------------------------------------------ command line
+
+
+def read_yaml_mapping(path: str | Path) -> dict:
+    """The mapping in YAML file `path`; ConfigError naming the file (and the line and column of a
+    syntax error) otherwise. An empty file is an empty mapping."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as error:
+        raise ConfigError(f"cannot read config file {path}: {error.strerror or error}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(error, "problem", None) or str(error)
+        raise ConfigError(f"config file {path} is not valid YAML{where}: {problem}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of config keys, got a {type(data).__name__}")
+    return data
+
+
+def merge_overlay(config: dict, overlay: dict) -> dict:
+    """`overlay` merged into `config` in place as Snakemake merges --configfile files
+    (snakemake.utils.update_config): mappings key by key, recursively; anything else replaced."""
+    for key, value in overlay.items():
+        if isinstance(value, dict) and isinstance(config.get(key), dict):
+            merge_overlay(config[key], value)
+        else:
+            config[key] = copy.deepcopy(value)
+    return config
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m convviz.config",
+        description="Check config.yaml with overlays merged on top (as snakemake --configfile does) "
+        "before starting a run.",
+    )
+    parser.add_argument("overlays", nargs="*", help="YAML overlays, merged in order")
+    parser.add_argument("--base", default="config.yaml", help="the workflow's own config (default: %(default)s)")
+    args = parser.parse_args(argv)
+    try:
+        config = read_yaml_mapping(args.base)
+        for overlay in args.overlays:
+            merge_overlay(config, read_yaml_mapping(overlay))
+        validate_config(config)
+    except ConfigError as error:
+        print(error, file=sys.stderr)
+        return 1
+    print(f"config ok: {' + '.join([str(args.base), *args.overlays])}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

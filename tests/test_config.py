@@ -127,3 +127,54 @@ def test_layers_can_be_chosen_per_model():
         with pytest.raises(ConfigError) as err:
             validate_config(overlay(default_config(), change))
         assert message in str(err.value)
+
+
+# ------------------------------------------------------------- python -m convviz.config (overlay check)
+
+
+def test_overlays_merge_as_snakemake_merges_configfiles():
+    """merge_overlay gives what snakemake.utils.update_config (what --configfile uses) gives,
+    including a mapping replacing a scalar and a scalar replacing a mapping."""
+    from snakemake.utils import update_config
+
+    from convviz.config import merge_overlay
+
+    base = {"a": {"b": 1, "c": {"d": [1, 2]}}, "e": 3, "f": {"g": 1}}
+    extra = {"a": {"c": {"d": [3], "x": None}, "y": 2}, "e": {"h": 1}, "f": 5, "z": "new"}
+    ours, theirs = copy.deepcopy(base), copy.deepcopy(base)
+    merge_overlay(ours, copy.deepcopy(extra))
+    update_config(theirs, copy.deepcopy(extra))
+    assert ours == theirs
+
+
+def test_config_check_names_the_file_and_line_of_broken_yaml(tmp_path, capsys):
+    """Snakemake says only "Config file is not valid JSON or YAML"; the check names the overlay,
+    the line and the column."""
+    from convviz.config import main
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("top9:\n  maps: [1, 2\n  bad: : :\n")
+    assert main(["--base", str(ROOT / "config.yaml"), str(bad)]) == 1
+    err = capsys.readouterr().err
+    assert f"config file {bad} is not valid YAML at line 3, column 6" in err
+
+
+def test_config_check_reports_bad_keys_missing_files_and_accepts_the_smoke_overlay(tmp_path, capsys):
+    from convviz.config import main
+
+    base = str(ROOT / "config.yaml")
+    assert main(["--base", base, str(ROOT / "configs/smoke.yaml")]) == 0
+    assert "config ok" in capsys.readouterr().out
+
+    wrong = tmp_path / "wrong.yaml"
+    wrong.write_text("top9:\n  project_maps: 0\n")
+    assert main(["--base", base, str(wrong)]) == 1
+    assert "config key 'top9.project_maps': 0 is not allowed; expected 'all' or an integer >= 1" in capsys.readouterr().err
+
+    assert main(["--base", base, str(tmp_path / "missing.yaml")]) == 1
+    assert f"cannot read config file {tmp_path / 'missing.yaml'}" in capsys.readouterr().err
+
+    listed = tmp_path / "list.yaml"
+    listed.write_text("- top9\n")
+    assert main(["--base", base, str(listed)]) == 1
+    assert "must hold a mapping of config keys, got a list" in capsys.readouterr().err
