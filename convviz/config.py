@@ -190,7 +190,33 @@ def _sweep_and_mask_checks(config: dict) -> list[str]:
             f"config key 'correspondence.parts': {reserved} cannot be masked as parts ('random' names the "
             "control masks, 'object' is the whole object); use part names such as left_eye, right_eye, nose"
         )
-    return problems
+    return problems or _synthetic_part_checks(config)
+
+
+def _synthetic_part_checks(config: dict) -> list[str]:
+    """On the synthetic dataset the classes and their parts are known before it is generated, so a
+    wrong correspondence class or part is named now rather than when the correspondence jobs run
+    (a real dataset's parts are checked then, from its parts.parquet)."""
+    data, correspondence = config["data"], config.get("correspondence") or {}
+    if data["dataset"] != "synthetic" or "class_name" not in correspondence:
+        return []
+    from convviz.data.synthetic import SOURCE_DESIGNS  # numpy/pandas/PIL only; imported when needed
+
+    classes = data["synthetic"]["classes"]
+    parts = {design.name: design.parts for design in SOURCE_DESIGNS[:classes]}
+    name = correspondence["class_name"]
+    if name not in parts:
+        return [
+            f"config key 'correspondence.class_name': {name!r} is not a class of the synthetic dataset "
+            f"(data.synthetic.classes: {classes}); its classes are {list(parts)}"
+        ]
+    missing = [part for part in correspondence.get("parts", []) if part not in parts[name]]
+    if missing:
+        return [
+            f"config key 'correspondence.parts': {missing} are not parts of the synthetic class {name!r}; "
+            f"its parts are {list(parts[name])}"
+        ]
+    return []
 
 
 def train_settings(config: dict, model: str) -> dict:

@@ -178,3 +178,27 @@ def test_config_check_reports_bad_keys_missing_files_and_accepts_the_smoke_overl
     listed.write_text("- top9\n")
     assert main(["--base", base, str(listed)]) == 1
     assert "must hold a mapping of config keys, got a list" in capsys.readouterr().err
+
+
+def test_synthetic_correspondence_class_and_parts_are_checked_before_any_job():
+    """The synthetic classes and their parts are fixed by its designs, so a wrong correspondence
+    class or part stops the config check (a real dataset's are checked by the job, from its
+    parts.parquet); data.synthetic.classes widens the classes."""
+    from convviz.data.synthetic import SOURCE_DESIGNS, TARGET_DESIGNS
+
+    with pytest.raises(ConfigError, match=r"'correspondence.class_name': 'bird' is not a class of the synthetic dataset "
+                       r"\(data.synthetic.classes: 10\); its classes are \['face', 'house'"):
+        validate_config(overlay(default_config(), {"correspondence": {"class_name": "bird"}}))
+    with pytest.raises(ConfigError, match=r"'correspondence.parts': \['tail'\] are not parts of the synthetic class "
+                       r"'face'; its parts are \['left_eye', 'right_eye', 'nose', 'mouth'\]"):
+        validate_config(overlay(default_config(), {"correspondence": {"parts": ["left_eye", "tail"]}}))
+    validate_config(overlay(default_config(), {"data": {"synthetic": {"classes": len(SOURCE_DESIGNS)}},
+                                               "correspondence": {"class_name": "bird", "parts": ["beak"]}}))
+    # a real dataset's classes are unknown until it is read
+    validate_config(overlay(default_config(), {"data": {"dataset": "imagefolder", "root": "/data/x"},
+                                               "correspondence": {"class_name": "dog", "parts": ["ear"]}}))
+    # the schema's limits are the number of designs the generator has
+    for key, count in (("classes", len(SOURCE_DESIGNS)), ("target_classes", len(TARGET_DESIGNS))):
+        validate_config(overlay(default_config(), {"data": {"synthetic": {key: count}}}))
+        with pytest.raises(ConfigError, match=rf"'data.synthetic.{key}': {count + 1} is greater than the maximum of {count}"):
+            validate_config(overlay(default_config(), {"data": {"synthetic": {key: count + 1}}}))
