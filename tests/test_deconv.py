@@ -304,14 +304,32 @@ def test_explicit_projects_negative_activations_through_the_shared_top():
 )
 def test_every_transposed_filter_way_equals_conv_transpose(way, c_in, c_out, kernel, stride, padding, size):
     """The ways the deconvnet may pick for a layer's transposed filters (plain, channels-last,
-    sub-pixel) give conv_transpose2d's result, including rows a stride dropped."""
+    sub-pixel, sparse) give conv_transpose2d's result, including rows a stride dropped, for a
+    dense signal, an unpooled-like one (90% zeros, whole positions and units without any
+    non-zero) and an all-zero one."""
     torch.manual_seed(0)
     conv = nn.Conv2d(c_in, c_out, kernel, stride, padding)
-    signal = torch.randn_like(conv(torch.randn(2, c_in, size, size)))
-    (expected,) = torch.autograd.grad(conv(x := torch.randn(2, c_in, size, size, requires_grad=True)), x, signal)
-    actual = _TRANSPOSE_WAYS[way](signal, conv, (size, size))
-    assert actual.shape == expected.shape
-    assert_close(actual, expected)
+    dense = torch.randn_like(conv(torch.randn(3, c_in, size, size)))
+    sparse = dense * (torch.rand_like(dense) < 0.1)
+    sparse[1] = 0
+    for signal in (dense, sparse, torch.zeros_like(dense)):
+        (expected,) = torch.autograd.grad(conv(x := torch.randn(3, c_in, size, size, requires_grad=True)), x, signal)
+        actual = _TRANSPOSE_WAYS[way](signal, conv, (size, size))
+        assert actual.shape == expected.shape
+        if signal.any():
+            assert_close(actual, expected)
+        else:
+            assert not actual.any()
+
+
+def test_the_sparse_way_is_offered_on_the_cpu_only():
+    """nonzero() would make the host wait for a GPU, whose dense kernels are faster anyway."""
+    from convviz.deconv import _transpose_ways
+
+    conv = nn.Conv2d(96, 256, 5, 2)
+    assert "sparse" in _transpose_ways(conv, torch.device("cpu"))
+    assert "sparse" not in _transpose_ways(conv, torch.device("cuda"))
+    assert "sparse" not in _transpose_ways(nn.Conv2d(96, 256, 5, 2, groups=2), torch.device("cpu"))
 
 
 def test_explicit_backward_leaves_the_callers_signal_untouched(models, images):
