@@ -1,6 +1,7 @@
 """The Sec. 2.1 deconvnet: explicit and autograd versions agree, match Captum, and batch correctly."""
 
 import copy
+import weakref
 import warnings
 
 import pytest
@@ -79,6 +80,29 @@ def test_explicit_deconvnet_equals_general_deconvnet_on_plain_models(models, ima
             maps = random_units(acts, 2, seed, whole_map=True)
             assert_close(project(model, layer, images, maps, method="explicit", spec=spec),
                          project(model, layer, images, maps, spec=spec))
+
+
+@pytest.mark.parametrize("way", ["sparse", "subpixel", "direct"])
+def test_explicit_deconvnet_equals_general_with_every_layer_forced_to_one_way(models, images, way, monkeypatch):
+    """The tuner picks a way per layer by speed; forced to one way wherever it is offered, the
+    explicit deconvnet still gives the general one's projections (zfnet: strided, padded and
+    stride-1 layers, units and whole maps)."""
+    from convviz import deconv
+
+    monkeypatch.setattr(deconv, "_TRANSPOSE_CHOICE", weakref.WeakKeyDictionary())
+    monkeypatch.setattr(deconv, "_fastest", lambda ways, *args: way if way in ways else ways[0])
+    model, spec = models["zfnet"], get_spec("zfnet")
+    for seed, layer in enumerate(["conv2", "conv5", "fc6"]):
+        acts = layer_acts(model, "zfnet", layer, images)
+        units = random_units(acts, 3, seed)
+        assert_close(project(model, layer, images, units, method="explicit", spec=spec),
+                     project(model, layer, images, units, method="general", spec=spec))
+        if acts.ndim == 4:
+            maps = random_units(acts, 2, seed, whole_map=True)
+            assert_close(project(model, layer, images, maps, method="explicit", spec=spec),
+                         project(model, layer, images, maps, method="general", spec=spec))
+    chosen = {choice for choices in deconv._TRANSPOSE_CHOICE.values() for choice in choices.values()}
+    assert way in chosen
 
 
 @pytest.mark.parametrize("name", list(ARCH))
