@@ -30,11 +30,12 @@ def plot_training_curves(history: pd.DataFrame, model_name: str, path) -> None:
     save_figure(fig, path)
 
 
-def plot_top9_layer(model_name: str, layer: str, shown, field_size: int, path, cols: int = 4) -> None:
+def plot_top9_layer(model_name: str, layer: str, shown, field_size: int, path, cols: int = 4, inactive=()) -> None:
     """Fig. 2 style: for each shown feature map, its 9 projections (3x3, contrast-normalised)
     beside the 9 receptive-field patches of the input images, labelled by layer and channel.
 
-    shown: LayerProjections restricted to the maps to draw.
+    shown: LayerProjections restricted to the maps to draw. inactive: channels that never
+    activate on the split (their projections are blank and their images ties at 0), so labelled.
     """
     from convviz.display import mosaic
 
@@ -50,7 +51,7 @@ def plot_top9_layer(model_name: str, layer: str, shown, field_size: int, path, c
         patch = mosaic(shown.patches[i], 3, 3)
         gap = np.full((proj.shape[0], max(2, proj.shape[1] // 12), 3), 255, dtype=np.uint8)
         ax.imshow(np.concatenate([proj, gap, patch], axis=1), interpolation="nearest")
-        ax.set_title(f"{layer} #{int(channel)}", fontsize=8)
+        ax.set_title(f"{layer} #{int(channel)}" + (": never active on this split" if int(channel) in inactive else ""), fontsize=8)
     fig.suptitle(
         f"{model_name} {layer}: top-9 deconvnet projections (left) and image patches (right), "
         f"receptive field {field_size} px",

@@ -289,8 +289,15 @@ def run_top9(model_name: str, checkpoint, data_dir, outputs: Top9Outputs, settin
         shown_channels = figure_channels(settings["seed"], model_name, layer, channels, settings["figure_maps"])
         pick = np.searchsorted(done.channels, shown_channels)
         shown = LayerProjections(done.channels[pick], done.projections[pick], done.patches[pick])
-        plot_top9_layer(model_name, layer, shown, fields[layer].size, figure_dir / f"{layer}.png")
+        # A map whose strongest activation on the split is 0 never fires there: its "top 9" are
+        # ties at 0 (the first images), its projections blank. Said in the figure and the log.
+        inactive = {int(c) for c in torch.nonzero(mined[layer][0].amax(1) <= 0).flatten()}
+        plot_top9_layer(model_name, layer, shown, fields[layer].size, figure_dir / f"{layer}.png", inactive=inactive)
         log(f"{layer}: projected {len(channels)} of {num_channels} feature maps x {K}; figure shows {len(pick)}")
+        if inactive:
+            log(f"{layer}: {len(inactive)} of {num_channels} feature maps never activate on this split "
+                f"(strongest activation 0; projections blank, images are ties): {sorted(inactive)[:20]}"
+                + (" ..." if len(inactive) > 20 else ""))
     write_npz(arrays, outputs.arrays)
     write_parquet(table, outputs.table)
 

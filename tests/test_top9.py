@@ -202,3 +202,36 @@ def test_a_bad_per_image_file_fails_before_mining_naming_its_key(tmp_path, tiny_
     outputs = top9.Top9Outputs(*(str(tmp_path / name) for name in ("t.parquet", "a.npz", "figs", "p.parquet", "per")))
     with pytest.raises(ValueError, match=r"config key 'top9.per_image.paths\[0\]'.*cat.png"):
         top9.run_top9("lenet", checkpoint, tiny_dataset, outputs, settings, log=lambda m: None)
+
+
+def test_a_feature_map_that_never_activates_is_named_in_the_log_and_the_figure(tmp_path, tiny_dataset, monkeypatch):
+    """A dead map's "top 9" are ties at 0 and its projections blank: the figure's label and the
+    log say it never activates on the split, rather than showing arbitrary images as its best."""
+    import convviz.plots as plots
+    import convviz.top9 as top9
+    from convviz.config import study_settings
+    from convviz.models.checkpoint import save_checkpoint
+
+    torch.manual_seed(0)
+    model = build_model("lenet", 3, 64)
+    conv1 = model.features[0]
+    with torch.no_grad():  # channel 2 of conv1: -1 everywhere before the ReLU
+        conv1.weight[2] = 0
+        conv1.bias[2] = -1
+    checkpoint = tmp_path / "lenet.pt"
+    save_checkpoint(checkpoint, "lenet", model, epoch=1, num_classes=3, input_size=64, arch_cfg={})
+    settings = study_settings(validate_config({"top9": {"layers": ["conv1"], "project_maps": "all", "figure_maps": "all",
+                                                        "per_image": {"count": 0}}}), "top9")
+    titles = {}
+
+    def keep_titles(fig, path):
+        titles[str(path)] = [ax.get_title() for ax in fig.axes]
+
+    monkeypatch.setattr(plots, "save_figure", keep_titles)
+    messages = []
+    outputs = top9.Top9Outputs(*(str(tmp_path / name) for name in ("t.parquet", "a.npz", "figs", "p.parquet", "per")))
+    top9.run_top9("lenet", checkpoint, tiny_dataset, outputs, settings, log=messages.append)
+    (figure,) = [t for p, t in titles.items() if p.endswith("conv1.png")]
+    assert "conv1 #2: never active on this split" in figure
+    assert "conv1 #1" in figure and not any(t.startswith("conv1 #1:") for t in figure)
+    assert any("conv1: 1 of 6 feature maps never activate on this split" in m and "[2]" in m for m in messages)
